@@ -1,0 +1,60 @@
+"""The artifact store: stage outputs on ``file://`` or ``s3://`` storage, published with a verified manifest.
+
+``store`` moves bytes (``open_store(uri)`` returns a ``FileStore`` or an ``S3Store``); ``manifest``
+decides what a finished stage is (``publish`` writes ``manifest.json`` last, ``fetch`` verifies every
+file, ``is_complete`` is what the operator asks before skipping a stage).
+"""
+
+from __future__ import annotations
+
+from rlhf_operator.artifacts.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    InvalidManifestError,
+    Manifest,
+    PublishResult,
+    fetch,
+    is_complete,
+    library_versions,
+    manifest_uri,
+    publish,
+    read_manifest,
+)
+from rlhf_operator.artifacts.store import (
+    ChecksumError,
+    FileStore,
+    NotFoundError,
+    ObjectInfo,
+    S3Store,
+    StorageOptions,
+    Store,
+    StoreError,
+    join_uri,
+    open_store,
+    sha256_file,
+)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ChecksumError",
+    "FileEntry",
+    "FileStore",
+    "InvalidManifestError",
+    "Manifest",
+    "NotFoundError",
+    "ObjectInfo",
+    "PublishResult",
+    "S3Store",
+    "StorageOptions",
+    "Store",
+    "StoreError",
+    "fetch",
+    "is_complete",
+    "join_uri",
+    "library_versions",
+    "manifest_uri",
+    "open_store",
+    "publish",
+    "read_manifest",
+    "sha256_file",
+]
