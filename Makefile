@@ -1,0 +1,12 @@
+# The two commands of the README. Both bootstrap the cached virtualenv on first use (scripts/bootstrap).
+PIPELINE ?= examples/demo.yaml
+
+.PHONY: demo test crd
+demo:  ## run the demo pipeline locally: SFT -> preferences -> reward model -> PPO -> evaluation
+	scripts/in-venv rlhf run $(PIPELINE)
+
+test:  ## run the whole test suite
+	scripts/in-venv python -m pytest $(PYTEST_ARGS)
+
+crd:  ## regenerate crds/ from the pydantic spec
+	scripts/in-venv sh -c 'rlhf crd > crds/rlhf-operator.io_rlhfpipelines.yaml'

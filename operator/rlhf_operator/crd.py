@@ -1,0 +1,137 @@
+"""Generate the RLHFPipeline CustomResourceDefinition from the pydantic models.
+
+Pydantic writes JSON Schema (2020-12) with ``$ref``/``$defs`` and ``anyOf`` for optional fields; the API
+server wants a *structural* OpenAPI v3 schema: everything inlined, ``nullable`` instead of a null
+branch, ``x-kubernetes-int-or-string`` for quantities, and no ``additionalProperties`` beside
+``properties``. :func:`structural` does that translation; :func:`crd` assembles the whole object.
+``crds/`` holds its output, and a test fails when the two differ.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from rlhf_operator import spec as api
+from rlhf_operator.status import PipelineStatus
+
+_DROP = {"title", "$defs", "additionalProperties", "const"}
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Translate one pydantic JSON Schema node into a Kubernetes structural schema node."""
+    defs = schema.get("$defs", {}) if defs is None else defs
+    node = copy.deepcopy(schema)
+
+    if "$ref" in node:  # inline the definition; sibling keys (description, default) win
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**copy.deepcopy(target), **node}
+
+    if "anyOf" in node:
+        union = node.pop("anyOf")
+        branches = [b for b in union if b.get("type") != "null"]
+        default = node.pop("default", None)
+        types = sorted(b.get("type", "") for b in branches)
+        if types == ["integer", "string"]:
+            node["x-kubernetes-int-or-string"] = True
+        elif len(branches) == 1:
+            node = {**structural(branches[0], defs), **node}
+        else:
+            raise ValueError(f"cannot express a union of {branches} in a structural schema")
+        if len(branches) < len(union):
+            node["nullable"] = True
+        if default is not None:
+            node["default"] = default
+
+    if "const" in node:
+        node["enum"] = [node["const"]]
+    if "enum" in node and "type" not in node:
+        kinds = {type(v) for v in node["enum"]}
+        node["type"] = {int: "integer", str: "string", float: "number", bool: "boolean"}[kinds.pop()]
+    for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+        if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
+            node["minimum" if bound == "exclusiveMinimum" else "maximum"] = node[bound]
+            node[bound] = True
+
+    if node.get("type") == "object":
+        if "properties" in node:
+            node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+        elif isinstance(node.get("additionalProperties"), dict):
+            node["additionalProperties"] = structural(node["additionalProperties"], defs)
+            return {k: v for k, v in node.items() if k not in _DROP - {"additionalProperties"}}
+    if node.get("type") == "array" and "items" in node:
+        node["items"] = structural(node["items"], defs)
+    return {k: v for k, v in node.items() if k not in _DROP}
+
+
+def spec_schema() -> dict[str, Any]:
+    schema = api.RLHFPipelineSpec.model_json_schema(by_alias=True, mode="validation")
+    out = structural(schema)
+    out["description"] = (
+        "RLHFPipeline runs SFT, preference data, reward model, PPO and evaluation as Kubernetes Jobs, "
+        "stage by stage, handing checkpoints from stage to stage through S3-compatible storage."
+    )
+    return out
+
+
+def status_schema() -> dict[str, Any]:
+    out = structural(PipelineStatus.model_json_schema(by_alias=True, mode="serialization"))
+    out["description"] = "Where the pipeline stands: written by the operator, never by users."
+    return out
+
+
+def crd() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": api.SHORT_NAMES,
+                "categories": ["all", "rlhf"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Stage", "type": "string", "jsonPath": ".status.currentStage"},
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Reward", "type": "number", "jsonPath": ".status.reward", "format": "float"},
+                        {"name": "KL", "type": "number", "jsonPath": ".status.kl", "format": "float"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": f"{api.KIND} is one RLHF training run, from base model to aligned policy.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `rlhf crd` from operator/rlhf_operator/spec.py and status.py. Do not edit.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=120)

@@ -1,0 +1,174 @@
+"""The pipeline's state machine: one pure function from (spec, what was observed) to what happens next.
+
+Both executors drive it: the local runner (stages as subprocesses) and the kopf operator (stages as Jobs).
+Each observes its stages (process exit code or Job conditions, plus whether the stage's manifest exists
+in the store), calls :func:`plan`, and carries out the actions it returns. ``plan`` does no I/O and keeps
+no state, so a restarted executor simply observes again and gets the same answer.
+
+Rules, stage by stage in pipeline order:
+
+* a disabled stage is ``Skipped``; a stage given an existing ``artifact`` is ``Provided``;
+* a stage whose manifest exists is ``Succeeded``, whatever its process or Job did afterwards;
+* a ``Running`` stage is waited for; the stages after it are ``Pending``;
+* a ``Failed`` stage is started again while it has retries left and its failure was retryable
+  (a configuration error never is); otherwise the pipeline is ``Failed`` and what came before is kept;
+* with ``spec.suspend`` no stage starts and a running one is suspended;
+* when every stage is ``Succeeded``, ``Skipped`` or ``Provided``, the pipeline is ``Succeeded``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rlhf_operator.spec import STAGE_ORDER, RLHFPipelineSpec, Stage
+
+
+class Observed(str, enum.Enum):
+    """What an executor saw of one stage."""
+
+    ABSENT = "Absent"  # never started, or started and left no trace (no process, no Job, no manifest)
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"  # the stage's manifest exists and verifies
+    FAILED = "Failed"
+
+
+class StagePhase(str, enum.Enum):
+    """A stage's phase as the status shows it."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"  # disabled in the spec
+    PROVIDED = "Provided"  # replaced by spec.<stage>.artifact
+
+
+class PipelinePhase(str, enum.Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+@dataclass(frozen=True)
+class StageObservation:
+    """One stage as observed: its state, how many attempts were made, and whether a failure may be retried."""
+
+    state: Observed = Observed.ABSENT
+    attempts: int = 0
+    retryable: bool = True
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StartStage:
+    """Start (or restart) a stage; ``attempt`` counts from 1."""
+
+    stage: Stage
+    attempt: int
+
+
+@dataclass(frozen=True)
+class SuspendStage:
+    """Pause a running stage (the operator suspends its Job)."""
+
+    stage: Stage
+
+
+Action = StartStage | SuspendStage
+
+
+@dataclass(frozen=True)
+class Plan:
+    phase: PipelinePhase
+    stages: Mapping[Stage, StagePhase]
+    actions: tuple[Action, ...] = ()
+    current: Stage | None = None  # the stage the pipeline stands at (running, next to run, or failed)
+    reason: str = ""  # CamelCase, for conditions and events
+    message: str = ""
+
+    @property
+    def start(self) -> StartStage | None:
+        return next((a for a in self.actions if isinstance(a, StartStage)), None)
+
+
+def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> Plan:
+    """Decide the pipeline's phase, each stage's phase, and the next actions.
+
+    Args:
+        spec: the validated pipeline spec.
+        observed: what the executor saw of each stage; a missing stage counts as never started.
+
+    Returns:
+        A :class:`Plan`. At most one stage runs at a time, since each stage needs the one before it.
+    """
+    phases: dict[Stage, StagePhase] = {}
+    blocked_by: Plan | None = None  # once a stage is not finished, every later stage is Pending
+
+    for stage in STAGE_ORDER:
+        if blocked_by is not None:
+            phases[stage] = StagePhase.PENDING if spec.stage(stage).runs else _static_phase(spec, stage)
+            continue
+        settings = spec.stage(stage)
+        if not settings.runs:
+            phases[stage] = _static_phase(spec, stage)
+            continue
+
+        seen = observed.get(stage, StageObservation())
+        if seen.state is Observed.SUCCEEDED:
+            phases[stage] = StagePhase.SUCCEEDED
+            continue
+
+        if seen.state is Observed.RUNNING:
+            phases[stage] = StagePhase.RUNNING
+            if spec.suspend:
+                blocked_by = _plan(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), "Suspended",
+                                   f"spec.suspend is set: stage {stage.value} is paused")
+            else:
+                blocked_by = _plan(PipelinePhase.RUNNING, stage, (), "StageRunning",
+                                   f"stage {stage.value} is running (attempt {max(seen.attempts, 1)})")
+            continue
+
+        if seen.state is Observed.FAILED:
+            retries_left = seen.attempts <= settings.max_retries
+            if not seen.retryable or not retries_left:
+                phases[stage] = StagePhase.FAILED
+                why = "it failed with a configuration error" if not seen.retryable else (
+                    f"it failed {seen.attempts} time(s) and maxRetries is {settings.max_retries}")
+                detail = f": {seen.message}" if seen.message else ""
+                blocked_by = _plan(PipelinePhase.FAILED, stage, (), "StageFailed",
+                                   f"stage {stage.value} will not be retried: {why}{detail}")
+                continue
+
+        # Absent, or failed with retries left: (re)start it unless suspended.
+        phases[stage] = StagePhase.PENDING
+        if spec.suspend:
+            blocked_by = _plan(PipelinePhase.SUSPENDED, stage, (), "Suspended",
+                               f"spec.suspend is set: stage {stage.value} will start when it is cleared")
+        else:
+            attempt = seen.attempts + 1
+            verb = "retrying" if seen.state is Observed.FAILED else "starting"
+            blocked_by = _plan(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), "StageStarting",
+                               f"{verb} stage {stage.value} (attempt {attempt})")
+
+    if blocked_by is None:
+        return Plan(PipelinePhase.SUCCEEDED, phases, (), None, "Succeeded", "every stage is done")
+    return Plan(blocked_by.phase, phases, blocked_by.actions, blocked_by.current, blocked_by.reason,
+                blocked_by.message)
+
+
+def _static_phase(spec: RLHFPipelineSpec, stage: Stage) -> StagePhase:
+    """Phase of a stage that never runs: Provided by an artifact, or Skipped."""
+    return StagePhase.PROVIDED if spec.stage(stage).artifact is not None else StagePhase.SKIPPED
+
+
+def _plan(phase: PipelinePhase, stage: Stage, actions: tuple[Action, ...], reason: str, message: str) -> Plan:
+    return Plan(phase, {}, actions, stage, reason, message)
+
+
+def stages_to_run(spec: RLHFPipelineSpec) -> list[Stage]:
+    """The stages this spec executes, in order."""
+    return [s for s in STAGE_ORDER if spec.stage(s).runs]

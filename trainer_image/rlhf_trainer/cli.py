@@ -1,0 +1,119 @@
+"""``rlhf-train STAGE --config FILE``: the one entrypoint of the trainer image.
+
+The local runner starts it as a subprocess and the operator as a Job's command; both read its exit code:
+0 done (manifest published), 78 configuration error and 79 corrupted input (retrying cannot help), 143 on
+SIGTERM after checkpointing, anything else may be retried. The final metrics go to stdout as one JSON line
+and, in a pod, to the termination message (``/dev/termination-log``, under 4 KB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rlhf_operator.artifacts import ChecksumError, StoreError, publish
+from rlhf_operator.spec import Stage
+from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, StageConfig
+from rlhf_trainer.errors import ConfigError, Preempted
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report
+TERMINATION_LOG = Path(os.environ.get("RLHF_TERMINATION_LOG", "/dev/termination-log"))
+IMPLEMENTED = {Stage.SFT, Stage.PREFERENCES, Stage.REWARD, Stage.EVALUATE}
+
+
+def load_config(path: str | None, stage: Stage) -> StageConfig:
+    raw = Path(path).read_text() if path else os.environ.get("RLHF_STAGE_CONFIG")
+    if raw is None:
+        raise ConfigError("no stage config: pass --config FILE or set RLHF_STAGE_CONFIG")
+    try:
+        config = StageConfig.model_validate_json(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid stage config: {err}") from err
+    if config.stage != stage:
+        raise ConfigError(f"the config is for stage {config.stage.value}, not {stage.value}")
+    return config
+
+
+def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
+    """Run one stage in ``workspace`` and publish its output with the manifest last. Returns the metrics."""
+    from rlhf_trainer.workspace import Workspace
+
+    if config.stage not in IMPLEMENTED:
+        raise ConfigError(
+            f"stage {config.stage.value} is not available in this trainer version: disable it in the spec "
+            f"(spec.{config.stage.value}.enabled: false) or give spec.{config.stage.value}.artifact"
+        )
+    ws = Workspace(config, workspace)
+    module = importlib.import_module(f"rlhf_trainer.stages.{config.stage.value}")
+    started = time.monotonic()
+    metrics = module.run(ws)
+    metrics["seconds"] = round(time.monotonic() - started, 1)
+    (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    result = publish(ws.output_dir, config.output_uri, ws.output_store, stage=config.stage.value,
+                     config_digest=config.digest, metrics=metrics)
+    print(f"published {len(result.uploaded)} file(s) to {config.output_uri} "
+          f"({len(result.skipped)} unchanged)", file=sys.stderr)
+    return metrics
+
+
+def write_termination_message(payload: dict[str, Any]) -> None:
+    if TERMINATION_LOG.parent.is_dir() and (TERMINATION_LOG.exists() or os.environ.get("RLHF_TERMINATION_LOG")):
+        text = json.dumps(payload)[:4000]
+        try:
+            TERMINATION_LOG.write_text(text)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=[s.value for s in Stage])
+    parser.add_argument("--config", help="stage config JSON file (default: the RLHF_STAGE_CONFIG variable)")
+    parser.add_argument("--workspace", help="local working folder (default: RLHF_WORKSPACE or a temp folder)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, touch nothing, exit 0")
+    args = parser.parse_args(argv)
+    stage = Stage(args.stage)
+
+    try:
+        config = load_config(args.config, stage)
+        if args.dry_run:
+            print(json.dumps({"stage": stage.value, "dryRun": True, "output": config.output_uri}))
+            return 0
+        workspace = args.workspace or os.environ.get("RLHF_WORKSPACE")
+        if workspace:
+            metrics = run_stage(config, Path(workspace))
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage.value}-") as tmp:
+                metrics = run_stage(config, Path(tmp))
+    except ConfigError as err:
+        print(f"rlhf-train {stage.value}: configuration error: {err}", file=sys.stderr)
+        write_termination_message({"stage": stage.value, "error": str(err)})
+        return EXIT_CONFIG_ERROR
+    except ChecksumError as err:
+        print(f"rlhf-train {stage.value}: corrupted input: {err}", file=sys.stderr)
+        write_termination_message({"stage": stage.value, "error": str(err)})
+        return EXIT_INTEGRITY_ERROR
+    except StoreError as err:
+        print(f"rlhf-train {stage.value}: storage error (will be retried): {err}", file=sys.stderr)
+        write_termination_message({"stage": stage.value, "error": str(err)})
+        return 1
+    except Preempted as err:
+        print(f"rlhf-train {stage.value}: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
+
+    print(json.dumps({"stage": stage.value, "metrics": metrics}))
+    write_termination_message({"stage": stage.value, "metrics": metrics})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Batched sampling from a causal LM and per-token log-probabilities of what was sampled.
+
+Prompts are wrapped in the chat template (when there is one and the spec wants it), left-padded, and
+generated in batches under ``torch.inference_mode`` with the KV cache. A response ends at the first EOS
+(kept in its token ids, so a later stage can tell which responses stopped on their own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_operator.spec import GenerationSpec
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str  # the user's prompt, as in the dataset
+    prompt_ids: list[int]  # the prompt as the model saw it (chat template applied), no padding
+    response_ids: list[int]  # generated tokens up to and including the first EOS
+    text: str  # the response decoded without special tokens
+    has_eos: bool
+
+
+def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
+    """The text the model is conditioned on: the chat template's user turn plus the assistant header."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def generation_config(gen: GenerationSpec, tokenizer: Any) -> Any:
+    from transformers import GenerationConfig
+
+    sampling = gen.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=sampling,
+        temperature=gen.temperature if sampling else None,
+        top_p=gen.top_p if sampling else None,
+        top_k=gen.top_k if sampling else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+@torch.inference_mode()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    gen: GenerationSpec,
+    *,
+    batch_size: int,
+    seed: int,
+    use_chat_template: bool = True,
+    desc: str = "generating",
+) -> list[Sample]:
+    """One sampled response per prompt (repeat a prompt to get several), in the prompts' order."""
+    torch.manual_seed(seed)
+    config = generation_config(gen, tokenizer)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[Sample] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            batch = list(prompts[start:start + batch_size])
+            texts = [format_prompt(tokenizer, p, use_chat_template) for p in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            generated = model.generate(**enc, generation_config=config)
+            width = enc["input_ids"].shape[1]
+            for row, prompt in enumerate(batch):
+                prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                response = generated[row, width:].tolist()
+                has_eos = tokenizer.eos_token_id in response
+                if has_eos:
+                    response = response[: response.index(tokenizer.eos_token_id) + 1]
+                else:
+                    response = [t for t in response if t != tokenizer.pad_token_id]
+                text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                out.append(Sample(prompt, prompt_ids, response, text, has_eos))
+    finally:
+        tokenizer.padding_side = previous_side
+        model.train(was_training)
+    return out
+
+
+def pad_samples(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompt+response sequences.
+
+    Returns:
+        input_ids (B, S), attention_mask (B, S), response_mask (B, S): 1 on response tokens.
+    """
+    seqs = [s.prompt_ids + s.response_ids for s in samples]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids)
+    for i, (s, seq) in enumerate(zip(samples, seqs)):
+        ids[i, width - len(seq):] = torch.tensor(seq)
+        attention[i, width - len(seq):] = 1
+        response[i, width - len(s.response_ids):] = 1
+    return ids, attention, response
+
+
+@torch.inference_mode()
+def response_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16) -> list[torch.Tensor]:
+    """Log-probability of each response token under ``model``: one 1-D tensor per sample."""
+    dev = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        ids, attention, response = (t.to(dev) for t in pad_samples(chunk, pad_id))
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        # log softmax at the chosen token only: logit - logsumexp, without a full-vocabulary log_softmax copy
+        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        mask = response[:, 1:].bool()
+        out.extend(token_logp[i][mask[i]].cpu() for i in range(len(chunk)))
+    return out

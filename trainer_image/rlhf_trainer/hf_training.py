@@ -1,0 +1,151 @@
+"""What the SFT and reward stages share around a transformers/TRL Trainer.
+
+* ``training_args``: the spec's TrainingArgs as TRL config keyword arguments.
+* ``StoreCheckpoints``: mirrors every Trainer checkpoint to ``<output>/checkpoints/`` in the store and writes
+  ``checkpoints/latest.json`` after it, so a new attempt (another pod, a rerun) resumes from it.
+* ``StopOnSigterm``: on SIGTERM (preemption, pod deletion) the Trainer saves a checkpoint at the end of the
+  current step and stops; the CLI then exits with a retryable code.
+* ``JsonlLog``: the Trainer's log history as ``trainer_log.jsonl`` in the output, for curves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from rlhf_operator.artifacts import join_uri, publish, read_manifest, fetch
+from rlhf_operator.spec import TrainingArgs
+from rlhf_trainer.errors import Preempted
+from rlhf_trainer.workspace import Workspace
+
+LATEST = "latest.json"
+
+
+def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:
+    return dict(
+        output_dir=str(ws.checkpoints_dir),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=settings.lr_scheduler_type,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        max_length=settings.max_length,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        report_to=[],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+        use_cpu=not _cuda(),
+        bf16=_cuda_bf16(),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+class StoreCheckpoints(TrainerCallback):
+    """Publish each saved checkpoint to the store (with its own manifest), then point latest.json at it."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        local = Path(args.output_dir) / name
+        if not local.is_dir():
+            return
+        store = self.ws.output_store
+        publish(local, join_uri(self.ws.checkpoints_uri, name), store, stage=self.ws.config.stage.value,
+                config_digest=self.ws.config.digest, metrics={"global_step": state.global_step})
+        pointer = {"checkpoint": name, "global_step": state.global_step, "config_digest": self.ws.config.digest}
+        store.write_bytes(join_uri(self.ws.checkpoints_uri, LATEST), json.dumps(pointer).encode())
+
+
+def restore_checkpoint(ws: Workspace) -> str | None:
+    """Download the latest stored checkpoint of this stage (same config digest) and return its local path."""
+    store = ws.output_store
+    pointer_uri = join_uri(ws.checkpoints_uri, LATEST)
+    if not store.exists(pointer_uri):
+        return None
+    pointer = json.loads(store.read_bytes(pointer_uri))
+    if pointer.get("config_digest") != ws.config.digest:
+        return None  # made with other settings: start over
+    uri = join_uri(ws.checkpoints_uri, pointer["checkpoint"])
+    if read_manifest(uri, store) is None:
+        return None
+    local = ws.checkpoints_dir / pointer["checkpoint"]
+    fetch(uri, local, store)
+    print(f"resuming {ws.config.stage.value} from {uri} (step {pointer['global_step']})", flush=True)
+    return str(local)
+
+
+class StopOnSigterm(TrainerCallback):
+    """Turn SIGTERM into 'save a checkpoint at the end of this step, then stop'."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        print("SIGTERM: saving a checkpoint at the end of this step, then stopping", flush=True)
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class JsonlLog(TrainerCallback):
+    """Append every Trainer log entry to a JSON Lines file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **_: Any) -> None:
+        if state.is_world_process_zero and logs:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def train_with_resume(trainer: Any, ws: Workspace, stopper: StopOnSigterm) -> Any:
+    """Run ``trainer.train``, resuming from a stored checkpoint when there is one; raise Preempted on SIGTERM."""
+    result = trainer.train(resume_from_checkpoint=restore_checkpoint(ws))
+    if stopper.requested:
+        raise Preempted("stopped on SIGTERM after checkpointing")
+    return result
+
+
+def last_logged(log_path: Path, key: str) -> float | None:
+    """The last value of ``key`` in a trainer_log.jsonl."""
+    value = None
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            entry = json.loads(line)
+            if key in entry:
+                value = float(entry[key])
+    return value

@@ -1,0 +1,113 @@
+"""Stage 5, evaluation on held-out prompts: pi_SFT (the reference) against the aligned policy.
+
+Both models answer every held-out prompt with the same sampling settings and seed. Reported per model:
+gold-judge mean, reward-model mean (when a reward model exists), mean response length, EOS rate; and for the
+policy: its win rate against pi_SFT under the gold judge (ties count half) and the mean per-token KL to the
+reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
+
+Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, ``samples.jsonl``, and
+``evaluation.png`` (judge-score histograms plus every training curve the earlier stages logged).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_operator.spec import EvaluateSpec
+from rlhf_trainer import models, reward_scoring
+from rlhf_trainer.data import load_dataset_rows, require_fields, write_jsonl
+from rlhf_trainer.generation import Sample, response_logprobs, sample
+from rlhf_trainer.judges import make_judge
+from rlhf_trainer.plots import evaluation_figure, read_log
+from rlhf_trainer.stages.common import uses_chat_template
+from rlhf_trainer.workspace import Workspace
+
+
+def win_rate(policy: list[float], reference: list[float]) -> float:
+    """Fraction of prompts where the policy's score beats the reference's; ties count half."""
+    wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference))
+    return wins / len(policy)
+
+
+def mean_kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> float:
+    """Mean over all response tokens of log pi - log pi_ref (the k1 estimator of KL(pi || pi_ref))."""
+    diffs = torch.cat([p - r for p, r in zip(policy_logps, reference_logps)])
+    return float(diffs.mean()) if diffs.numel() else 0.0
+
+
+def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None) -> dict[str, float]:
+    out = {
+        "judge_mean": statistics.fmean(judge),
+        "response_tokens": statistics.fmean(len(s.response_ids) for s in samples),
+        "eos_rate": sum(s.has_eos for s in samples) / len(samples),
+    }
+    if rm is not None:
+        out["rm_mean"] = statistics.fmean(rm)
+    return out
+
+
+def run(ws: Workspace) -> dict[str, Any]:
+    settings: EvaluateSpec = ws.config.stage_settings()  # type: ignore[assignment]
+    assert settings.prompts is not None
+    rows = load_dataset_rows(settings.prompts, ws)
+    require_fields(rows, ("prompt",), settings.prompts.uri)
+    prompts = [r["prompt"] for r in rows]
+    dev = models.device()
+    spec = ws.config.model
+    judge = make_judge(settings.judge.type)
+
+    def answer(role: str) -> tuple[Any, Any, list[Sample], Path]:
+        path = ws.fetch_dir(role)
+        tok = models.load_tokenizer(path, spec)
+        net = models.freeze(models.load_causal_lm(path, spec, tok).to(dev))
+        out = sample(net, tok, prompts, settings.generation, batch_size=settings.batch_size, seed=settings.seed,
+                     use_chat_template=spec.tokenizer.use_chat_template, desc=f"{role} answering")
+        return net, tok, out, path
+
+    ref_model, tokenizer, ref_samples, ref_dir = answer("reference")
+    results: dict[str, dict[str, Any]] = {}
+    samples = {"sft": ref_samples}
+    if "policy" in ws.config.inputs:
+        policy_model, _, samples["policy"], policy_dir = answer("policy")
+    judge_scores = {name: judge.score(prompts, [s.text for s in out]) for name, out in samples.items()}
+
+    rm_scores: dict[str, list[float]] = {}
+    reward_dir = None
+    if "reward_model" in ws.config.inputs:
+        reward_dir = ws.fetch_dir("reward_model")
+        rm_tok = models.load_tokenizer(reward_dir, spec)
+        rm = models.freeze(models.load_sequence_classifier(reward_dir, spec, rm_tok).to(dev))
+        chat = uses_chat_template(rm_tok, spec.tokenizer.use_chat_template)
+        rm_scores = {name: reward_scoring.score(rm, rm_tok, prompts, [s.text for s in out], chat=chat)
+                     for name, out in samples.items()}
+        del rm
+
+    for name, out in samples.items():
+        results[name] = summarize(out, judge_scores[name], rm_scores.get(name))
+    metrics: dict[str, Any] = {"prompts": len(prompts), **{f"sft/{k}": v for k, v in results["sft"].items()}}
+    if "policy" in samples:
+        pad = tokenizer.pad_token_id
+        kl = mean_kl_per_token(response_logprobs(policy_model, samples["policy"], pad),
+                               response_logprobs(ref_model, samples["policy"], pad))
+        metrics.update({f"policy/{k}": v for k, v in results["policy"].items()})
+        metrics["policy/win_rate_vs_sft"] = win_rate(judge_scores["policy"], judge_scores["sft"])
+        metrics["policy/judge_gain"] = results["policy"]["judge_mean"] - results["sft"]["judge_mean"]
+        metrics["policy/kl_per_token"] = kl
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+    write_jsonl(ws.output_dir / "samples.jsonl", (
+        {"model": name, "prompt": s.prompt, "response": s.text, "judge": judge_scores[name][i],
+         **({"rm": rm_scores[name][i]} if name in rm_scores else {})}
+        for name, out in samples.items() for i, s in enumerate(out)))
+    (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    logs = {"sft": read_log(ref_dir / "trainer_log.jsonl"),
+            "reward": read_log(reward_dir / "trainer_log.jsonl" if reward_dir else None),
+            "ppo": read_log(policy_dir / "metrics.jsonl" if "policy" in samples else None)}
+    evaluation_figure(ws.output_dir / "evaluation.png", {"pi_SFT" if n == "sft" else "policy": v
+                                                         for n, v in judge_scores.items()}, logs)
+    return metrics

@@ -1,0 +1,93 @@
+"""Stage 3, reward model: a sequence classifier (num_labels=1) trained on preference pairs with TRL's
+RewardTrainer (Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected)).
+
+The backbone is pi_SFT (or the base model, ``initFrom: base``). ``evalFraction`` of the pairs is held out
+and the stage reports the held-out pair accuracy: the fraction of pairs whose chosen response outscores the
+rejected one. Output: R_phi as a plain checkpoint with its tokenizer, ``trainer_log.jsonl``, metrics.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from rlhf_operator.spec import DatasetRef, RewardSpec
+from rlhf_trainer import hf_training, models, reward_scoring
+from rlhf_trainer.data import load_dataset_rows, read_rows, require_fields
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.stages.common import conversational, uses_chat_template
+from rlhf_trainer.workspace import Workspace
+
+
+def load_pairs(ws: Workspace) -> list[dict[str, Any]]:
+    ref = ws.input_ref("preferences")
+    if ref.produced_by is not None:
+        rows = read_rows(ws.fetch_dir("preferences") / "pairs.jsonl", source=ref.uri)
+    else:
+        rows = load_dataset_rows(DatasetRef(uri=ref.uri), ws)
+    require_fields(rows, ("prompt", "chosen", "rejected"), ref.uri)
+    return rows
+
+
+def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    held = int(round(len(shuffled) * fraction))
+    return shuffled[held:], shuffled[:held]
+
+
+def run(ws: Workspace) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    settings: RewardSpec = ws.config.stage_settings()  # type: ignore[assignment]
+    pairs = load_pairs(ws)
+    train_rows, eval_rows = split(pairs, settings.eval_fraction, settings.seed)
+    if not train_rows:
+        raise ConfigError(f"reward: {len(pairs)} pairs leave nothing to train on with evalFraction "
+                          f"{settings.eval_fraction}; provide more pairs or lower spec.reward.evalFraction")
+
+    backbone = ws.fetch_dir("model")
+    tokenizer = models.load_tokenizer(backbone, ws.config.model)
+    tokenizer.padding_side = "right"
+    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer)
+    chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
+
+    def dataset(rows: list[dict[str, Any]]) -> Dataset:
+        return Dataset.from_list([
+            conversational(chat, prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
+        ])
+
+    log = ws.output_dir / "trainer_log.jsonl"
+    stopper = hf_training.StopOnSigterm()
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(
+            **hf_training.training_args(settings, ws),
+            center_rewards_coefficient=settings.center_rewards_coefficient,
+            eval_strategy="no",
+        ),
+        train_dataset=dataset(train_rows),
+        processing_class=tokenizer,
+        peft_config=models.lora_config(settings.lora, "SEQ_CLS") if settings.lora.enabled else None,
+        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log)],
+    )
+    result = hf_training.train_with_resume(trainer, ws, stopper)
+
+    trained = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    trained.eval()
+    metrics: dict[str, Any] = {
+        "train_loss": round(float(result.training_loss), 4),
+        "train_pairs": len(train_rows),
+        "eval_pairs": len(eval_rows),
+        "steps": result.global_step,
+    }
+    if eval_rows:
+        prompts = [r["prompt"] for r in eval_rows]
+        chosen = reward_scoring.score(trained, tokenizer, prompts, [r["chosen"] for r in eval_rows], chat=chat)
+        rejected = reward_scoring.score(trained, tokenizer, prompts, [r["rejected"] for r in eval_rows], chat=chat)
+        metrics["eval_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
+        metrics["eval_margin"] = round(sum(c - r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
+    tokenizer.padding_side = ws.config.model.tokenizer.padding_side
+    models.save_plain(trained, tokenizer, ws.output_dir)
+    return metrics
