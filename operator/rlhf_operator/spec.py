@@ -14,7 +14,6 @@ recognises them.
 from __future__ import annotations
 
 import enum
-import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
@@ -523,13 +522,11 @@ class RLHFPipeline(SpecModel):
 
 
 def camel_path(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as the YAML path a user wrote, e.g. spec.sft.learningRate or spec.x[0]."""
+    """A pydantic error location as the YAML path a user wrote, e.g. spec.sft.learningRate or spec.x[0].
+
+    Pydantic reports locations by alias, so the parts already are the camelCase names of the YAML.
+    """
     out = ""
     for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[a-z0-9_]+", part) and "_" in part:
-            out += ("." if out else "") + to_camel(part)
-        else:
-            out += ("." if out else "") + part
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
     return out

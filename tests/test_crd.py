@@ -1,0 +1,60 @@
+"""The CRD in crds/ is generated from the pydantic models and must stay in sync with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from rlhf_operator.crd import crd, crd_yaml
+
+CRD_FILE = Path(__file__).resolve().parents[1] / "crds" / "rlhf-operator.io_rlhfpipelines.yaml"
+
+
+def walk(node, path="$"):
+    yield path, node
+    if isinstance(node, dict):
+        for key, child in node.get("properties", {}).items():
+            yield from walk(child, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            yield from walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_committed_crd_is_up_to_date():
+    assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `make crd` (rlhf crd > crds/...) and commit"
+
+
+def test_schema_is_structural_and_documented():
+    version = crd()["spec"]["versions"][0]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path, node in walk(spec):
+        for banned in ("$ref", "anyOf", "allOf", "oneOf", "$defs", "const", "title"):
+            assert banned not in node, f"{path} has {banned}"
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        if path != "$" and not path.endswith(("[]", "{}")):  # fields are documented; list items need not be
+            assert node.get("description"), f"{path} has no description"
+        assert not ("properties" in node and "additionalProperties" in node), path
+
+
+def test_crd_shape():
+    doc = yaml.safe_load(CRD_FILE.read_text())
+    assert doc["metadata"]["name"] == "rlhfpipelines.rlhf-operator.io"
+    assert doc["spec"]["names"]["shortNames"] == ["rlhf"]
+    version = doc["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Stage", "Phase", "Reward", "KL", "Age"]
+    props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert props["sft"]["properties"]["learningRate"]["exclusiveMinimum"] is True
+    assert props["model"]["properties"]["uri"]["pattern"].startswith("^(s3|file|builtin)")
+    assert props["model"]["required"] == ["uri"]
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert set(conditions["items"]["required"]) >= {"type", "status", "reason", "lastTransitionTime"}
+
+
+def test_rlhf_crd_prints_it(capsys):
+    from rlhf_operator.cli import main
+
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == crd_yaml()
