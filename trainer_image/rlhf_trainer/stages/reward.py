@@ -29,6 +29,12 @@ def load_pairs(ws: Workspace) -> list[dict[str, Any]]:
     return rows
 
 
+def fits(tokenizer: Any, row: dict[str, Any], max_length: int, chat: bool) -> bool:
+    """Both sides of the pair fit in max_length tokens (TRL would silently drop the pair otherwise)."""
+    return all(len(reward_scoring.reward_input_ids(tokenizer, row["prompt"], row[side], chat)) <= max_length
+               for side in ("chosen", "rejected"))
+
+
 def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     shuffled = rows[:]
     random.Random(seed).shuffle(shuffled)
@@ -41,17 +47,20 @@ def run(ws: Workspace) -> dict[str, Any]:
     from trl import RewardConfig, RewardTrainer
 
     settings: RewardSpec = ws.config.stage_settings()  # type: ignore[assignment]
-    pairs = load_pairs(ws)
-    train_rows, eval_rows = split(pairs, settings.eval_fraction, settings.seed)
-    if not train_rows:
-        raise ConfigError(f"reward: {len(pairs)} pairs leave nothing to train on with evalFraction "
-                          f"{settings.eval_fraction}; provide more pairs or lower spec.reward.evalFraction")
-
     backbone = ws.fetch_dir("model")
     tokenizer = models.load_tokenizer(backbone, ws.config.model)
     tokenizer.padding_side = "right"
-    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer)
     chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
+
+    loaded = load_pairs(ws)
+    pairs = [r for r in loaded if fits(tokenizer, r, settings.max_length, chat)]
+    train_rows, eval_rows = split(pairs, settings.eval_fraction, settings.seed)
+    if not train_rows:
+        raise ConfigError(
+            f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
+            f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
+            "provide more pairs or lower evalFraction")
+    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer)
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
@@ -79,6 +88,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "train_loss": round(float(result.training_loss), 4),
         "train_pairs": len(train_rows),
+        "dropped_too_long": len(loaded) - len(pairs),
         "eval_pairs": len(eval_rows),
         "steps": result.global_step,
     }

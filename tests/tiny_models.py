@@ -1,0 +1,57 @@
+"""Tiny random models built from a config, so pipeline tests train for real in seconds.
+
+The tokenizer is a small byte-level BPE trained on the demo data, with ChatML special tokens and a chat
+template, so every code path that the real SmolLM2 takes (chat template, added pad token, EOS handling)
+is taken here too. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "movie-reviews"
+
+
+def corpus() -> list[str]:
+    texts = []
+    for name in ("sft.jsonl", "prompts-train.jsonl", "prompts-eval.jsonl"):
+        for line in (DATA / name).read_text().splitlines():
+            row = json.loads(line)
+            texts.extend(v for v in row.values() if isinstance(v, str))
+    return texts
+
+
+def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with a 600-token BPE vocabulary, saved as a plain checkpoint folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",  # like SmolLM2: pad == eos, so the trainer must add its own pad token
+        chat_template=CHATML,
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
