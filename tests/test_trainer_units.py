@@ -1,0 +1,150 @@
+"""Small pure pieces of the trainer against hand-computed values and plain torch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf_operator.spec import ModelSpec
+from rlhf_trainer.cli import main as train_main
+from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.generation import Sample, pad_samples, response_logprobs
+from rlhf_trainer.judges import make_judge
+from rlhf_trainer.models import load_tokenizer, quantization_config
+from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
+from rlhf_trainer.stages.preferences import make_pairs
+
+
+def test_best_worst_pairs_keep_one_pair_per_prompt_above_the_margin():
+    scored = {
+        "p1": [("good", 0.9), ("meh", 0.1), ("bad", -0.8)],
+        "p2": [("a", 0.30), ("b", 0.25)],  # margin 0.05 < 0.1: dropped
+        "p3": [("same", 0.5), ("same", 0.5)],  # identical responses teach nothing
+    }
+    pairs = make_pairs(scored, "best_worst", 0.1)
+    assert pairs == [{"prompt": "p1", "chosen": "good", "rejected": "bad", "chosen_score": 0.9,
+                      "rejected_score": -0.8}]
+
+
+def test_all_pairs():
+    pairs = make_pairs({"p": [("x", 1.0), ("y", 0.0), ("z", 0.5)]}, "all", 0.3)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("x", "z"), ("x", "y"), ("z", "y")]
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 0.9, -1.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+
+def test_mean_kl_per_token_weights_tokens_not_sequences():
+    policy = [torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-0.5])]
+    ref = [torch.tensor([-1.5, -2.0, -2.0]), torch.tensor([-1.5])]
+    # differences: 0.5, 0, -1, 1 -> mean over 4 tokens
+    assert mean_kl_per_token(policy, ref) == pytest.approx(0.5 / 4 + 0 - 1 / 4 + 1 / 4)
+
+
+def test_pad_samples_left_pads_and_marks_responses():
+    samples = [Sample("a", [5, 6], [7, 8], "", True), Sample("b", [9], [10], "", False)]
+    ids, attention, response = pad_samples(samples, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [0, 0, 9, 10]]
+    assert attention.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert response.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+
+
+def test_response_logprobs_match_plain_log_softmax(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    samples = [Sample("a", [3, 4, 5], [6, 7], "", False), Sample("b", [8], [9, 10, 11], "", False)]
+    got = response_logprobs(model, samples, pad_id=0)
+    for sample, logps in zip(samples, got):  # one unpadded sequence at a time, full log_softmax
+        seq = torch.tensor([sample.prompt_ids + sample.response_ids])
+        with torch.no_grad():
+            full = torch.log_softmax(model(seq).logits[0, :-1].float(), dim=-1)
+        targets = seq[0, 1:]
+        expected = full.gather(-1, targets[:, None])[:, 0][-len(sample.response_ids):]
+        torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir, ModelSpec(uri=tiny_model_dir.as_uri()))
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
+    assert tok.padding_side == "left"
+
+
+def test_reward_input_ids_match_trl_tokenization(tiny_model_dir):
+    from trl.trainer.reward_trainer import RewardTrainer  # noqa: F401  (TRL is what we must agree with)
+    from transformers import AutoTokenizer
+
+    from rlhf_trainer.reward_scoring import reward_input_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    messages = [{"role": "user", "content": "Review this film"}, {"role": "assistant", "content": "Lovely."}]
+    expected = tok.apply_chat_template(messages, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert reward_input_ids(tok, "Review this film", "Lovely.", chat=True) == list(expected)
+    plain = reward_input_ids(tok, "Q: ", "A", chat=False)
+    assert plain[-1] == tok.eos_token_id
+
+
+def test_vader_judge_orders_sentiment():
+    judge = make_judge("vader")
+    good, bad = judge.score(["p", "p"], ["A wonderful, moving film.", "A dull, awful mess."])
+    assert good > 0.5 and bad < -0.5
+
+
+def test_quantization_on_cpu_is_a_configuration_error():
+    spec = ModelSpec.model_validate({"uri": "builtin://smollm2-135m-instruct", "quantization": {"bits": 4}})
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 4-bit loading is allowed here")
+    with pytest.raises(ConfigError, match="quantization.bits=4 needs a CUDA GPU"):
+        quantization_config(spec)
+
+
+def test_builtin_and_file_datasets(tmp_path):
+    rows = read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-eval"))
+    assert len(rows) == 60 and rows[0]["prompt"].startswith("Write a one-sentence movie review")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"prompt": \n')
+    with pytest.raises(ConfigError, match="line 2 is not valid JSON"):
+        read_rows(bad)
+    with pytest.raises(ConfigError, match="row 1 has no text field 'completion'"):
+        require_fields([{"prompt": "x"}], ("prompt", "completion"), "d.jsonl")
+    with pytest.raises(ConfigError, match="unknown builtin dataset"):
+        builtin_dataset_path("builtin://movie-reviews/nope")
+
+
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": "c", "rejected": "r"}]), path)
+    assert read_rows(path) == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+
+
+def test_rlhf_train_exit_codes(tmp_path, capsys):
+    from rlhf_operator.loading import parse_pipeline
+    from rlhf_operator.spec import Stage
+    from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, build_stage_config
+
+    doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
+                          "metadata": {"name": "x"},
+                          "spec": {"model": {"uri": "builtin://smollm2-135m-instruct"},
+                                   "sft": {"dataset": {"uri": "builtin://movie-reviews/sft"}}}})
+    config = tmp_path / "sft.json"
+    config.write_text(build_stage_config(doc, Stage.SFT, (tmp_path / "store").as_uri()).to_json())
+    assert train_main(["sft", "--config", str(config), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["dryRun"] is True
+    assert train_main(["reward", "--config", str(config)]) == EXIT_CONFIG_ERROR  # config for another stage
+    assert "the config is for stage sft" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{}")
+    assert train_main(["sft", "--config", str(tmp_path / "broken.json")]) == EXIT_CONFIG_ERROR
+    ppo = build_stage_config(doc, Stage.PPO, (tmp_path / "store").as_uri())
+    (tmp_path / "ppo.json").write_text(ppo.to_json())
+    assert train_main(["ppo", "--config", str(tmp_path / "ppo.json"), "--workspace", str(tmp_path / "ws")]) \
+        == EXIT_CONFIG_ERROR
+    assert "not available in this trainer version" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # nothing was published
