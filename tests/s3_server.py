@@ -4,10 +4,13 @@
 generated credentials and stops it at the end of the session. ``s3_env`` (function scope) points boto3's
 default credential chain at it through environment variables and gives each test its own bucket.
 
-The server is moto's standalone server (``python -m moto.server``): a separate process speaking the S3
-HTTP API, so the code under test goes through botocore's real HTTP, signing, retry and multipart paths.
-To run against MinIO instead, add a launcher to ``LAUNCHERS`` (argv and env from port, credentials and a
-data dir) and select it with ``RLHF_TEST_S3_SERVER=minio``; nothing else changes.
+The server is a separate process speaking the S3 HTTP API, so the code under test goes through botocore's real
+HTTP, signing, retry and multipart paths. ``RLHF_TEST_S3_SERVER`` picks it:
+- ``minio``: MinIO, built from the Go module proxy by ``tests/cluster/build-binaries.sh minio`` (cached);
+- ``moto``: moto's standalone server (``python -m moto.server``);
+- unset (``auto``): MinIO when its binary is built, else moto. A full run (``make test``) builds MinIO before the
+  first test (tests/cluster/conftest.py), so moto is only the fallback when that build fails or when a partial
+  run starts before MinIO was ever built.
 """
 
 from __future__ import annotations
@@ -39,7 +42,29 @@ def _moto(port: int, access_key: str, secret_key: str, data_dir: Path) -> tuple[
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], {}
 
 
-LAUNCHERS: dict[str, Launcher] = {"moto": _moto}
+def _minio(port: int, access_key: str, secret_key: str, data_dir: Path) -> tuple[list[str], dict[str, str]]:
+    from cluster import binaries
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # the console port, loopback too
+        sock.bind(("127.0.0.1", 0))
+        console_port = sock.getsockname()[1]
+    argv = [str(binaries.binary("minio", "minio")), "server", "--quiet", "--address", f"127.0.0.1:{port}",
+            "--console-address", f"127.0.0.1:{console_port}", str(data_dir)]
+    env = {"MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key, "MINIO_BROWSER": "off",
+           "MINIO_UPDATE": "off", "MINIO_REGION": REGION}
+    return argv, env
+
+
+def _default_server() -> str:
+    """``minio`` when its binary is built (a full run builds it first), else ``moto``."""
+    try:
+        from cluster import binaries
+    except ImportError:
+        return "moto"
+    return "minio" if binaries.is_built("minio") else "moto"
+
+
+LAUNCHERS: dict[str, Launcher] = {"moto": _moto, "minio": _minio}
 
 
 @dataclass
@@ -109,10 +134,13 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """Start an S3-compatible server on loopback for the session; stop it afterwards."""
-    kind = os.environ.get("RLHF_TEST_S3_SERVER", "moto")
+    kind = os.environ.get("RLHF_TEST_S3_SERVER", "auto")
+    if kind == "auto":
+        kind = _default_server()
     if kind not in LAUNCHERS:
-        raise pytest.UsageError(f"RLHF_TEST_S3_SERVER={kind!r}: known servers are {', '.join(LAUNCHERS)}")
+        raise pytest.UsageError(f"RLHF_TEST_S3_SERVER={kind!r}: known servers are auto, {', '.join(LAUNCHERS)}")
     workdir = tmp_path_factory.mktemp(f"s3-{kind}")
+    (workdir / "data").mkdir()
     port = _free_port()
     server = S3Server(
         endpoint=f"http://127.0.0.1:{port}",

@@ -48,6 +48,7 @@ build_component() {
       for b in "${binaries[@]}"; do
         [[ -x "$out/$b" ]] || { rm -rf "$out"; log "FAILED: $name build produced no $b"; exit 1; }
       done
+      chmod 755 "$out"
       touch "$out/.complete"
       rm -rf "$dest"
       mv "$out" "$dest"
@@ -79,8 +80,15 @@ build_etcd() {
 
 build_minio() {
   # go install puts the binary in $GOBIN; the module's own go.mod has no replace directives, so this works as is.
-  GOBIN="$out" GOFLAGS="-p=$jobs -modcacherw" nice -n 19 \
-    go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION"
+  # MinIO's release builds stamp the version through ldflags; here it comes from the pseudo-version
+  # v0.0.0-YYYYMMDDhhmmss-<commit>, so `minio --version` names the commit and its date.
+  local stamp="${MINIO_VERSION#v0.0.0-}" commit
+  commit="${stamp#*-}"; stamp="${stamp%%-*}"
+  local when="${stamp:0:4}-${stamp:4:2}-${stamp:6:2}T${stamp:8:2}:${stamp:10:2}:${stamp:12:2}Z"
+  local pkg=github.com/minio/minio/cmd
+  GOBIN="$out" GOFLAGS="-p=$jobs -modcacherw" nice -n 19 go install -trimpath \
+    -ldflags "-s -w -X $pkg.Version=$when -X $pkg.ReleaseTag=DEVELOPMENT.${when//:/-} -X $pkg.CommitID=$commit -X $pkg.ShortCommitID=$commit -X $pkg.CopyrightYear=${stamp:0:4}" \
+    "github.com/minio/minio@$MINIO_VERSION"
 }
 
 components=("$@")

@@ -1,0 +1,60 @@
+"""Where the test cluster's binaries live, and building them on first use (``build-binaries.sh``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build-binaries.sh"
+VERSIONS_FILE = HERE / "versions.env"
+
+#: component -> (version key in versions.env, binaries it provides)
+COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "kubernetes": ("KUBERNETES_VERSION", ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")),
+    "etcd": ("ETCD_VERSION", ("etcd",)),
+    "minio": ("MINIO_VERSION", ("minio",)),
+}
+
+
+def versions() -> dict[str, str]:
+    """The pinned versions from ``versions.env``."""
+    pairs = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key] = value
+    return pairs
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-operator")) / "bin"
+
+
+def component_dir(component: str) -> Path:
+    """``<cache>/bin/<component>-<version>``: where the component's binaries are (or will be) built."""
+    key, _ = COMPONENTS[component]
+    return cache_root() / f"{component}-{versions()[key]}"
+
+
+def is_built(component: str) -> bool:
+    return (component_dir(component) / ".complete").is_file()
+
+
+def ensure(component: str) -> Path:
+    """The directory holding ``component``'s binaries, building them first if they are not cached (a cold
+    Kubernetes build takes tens of minutes; see README.md). Raises ``RuntimeError`` if the build fails."""
+    if not is_built(component):
+        # The build's progress goes to the real stderr so a first run does not look hung under pytest's capture.
+        result = subprocess.run(["bash", str(BUILD_SCRIPT), component], stdout=subprocess.PIPE, stderr=sys.__stderr__)
+        if result.returncode != 0 or not is_built(component):
+            raise RuntimeError(f"{BUILD_SCRIPT} {component} failed (exit {result.returncode}); see the output above")
+    return component_dir(component)
+
+
+def binary(component: str, name: str) -> Path:
+    """Path of binary ``name`` of ``component``, built if needed."""
+    return ensure(component) / name
