@@ -164,3 +164,30 @@ def test_corrupted_artifact_is_refused_by_the_consuming_stage(tiny_model_dir, tm
     prefs = result.reports[Stage.PREFERENCES]
     assert prefs.phase is StagePhase.FAILED and prefs.attempts == 1  # a checksum error is never retried
     assert "exit code 79" in prefs.note
+
+
+def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
+    """SFT and reward as LoRA adapters, merged into plain checkpoints; the reward stage reads the user's own
+    (prompt, chosen, rejected) file instead of the preferences stage."""
+    from safetensors.torch import load_file
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": f"Review film {i}", "chosen": "A wonderful, moving film.",
+                    "rejected": "A dull and awful mess."}) + "\n" for i in range(12)))
+    doc = tiny_pipeline(tiny_model_dir, "tiny-lora")
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    doc["spec"]["sft"]["lora"] = lora
+    doc["spec"]["preferences"] = {"enabled": False}
+    doc["spec"]["reward"].update(lora=lora, dataset={"uri": pairs.as_uri()})
+    parsed = parse_pipeline(doc)
+    result = LocalRunner(parsed, tmp_path / "work").run()
+    assert result.phase is PipelinePhase.SUCCEEDED, result.message
+    assert result.reports[Stage.PREFERENCES].phase is StagePhase.SKIPPED
+    root = (tmp_path / "work" / "artifacts").as_uri()
+    for stage in (Stage.SFT, Stage.REWARD):
+        folder = Path(build_stage_config(parsed, stage, root).output_uri.removeprefix("file://"))
+        weights = load_file(folder / "model.safetensors")
+        assert not any("lora_" in name for name in weights), stage  # merged: a plain checkpoint
+        assert not (folder / "adapter_config.json").exists()
+    assert result.reports[Stage.REWARD].metrics["train_pairs"] == 9
