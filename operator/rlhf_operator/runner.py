@@ -24,7 +24,6 @@ from rlhf_operator.artifacts import StorageOptions, is_complete, open_store, rea
 from rlhf_operator.plan import (
     Observed,
     PipelinePhase,
-    Plan,
     StageObservation,
     StagePhase,
     plan,
@@ -126,7 +125,7 @@ class LocalRunner:
                 report.metrics = dict(manifest.metrics) if manifest else {}
             elif report.phase is StagePhase.PROVIDED:
                 report.note = f"provided: {self.doc.spec.stage(stage).artifact}"
-        return self._finish(decision, reports, started)
+        return RunResult(decision.phase, decision.message, reports, self.root, time.monotonic() - started)
 
     def _run_stage(self, stage: Stage, attempt: int, report: StageReport) -> None:
         config = self.configs[stage]
@@ -156,9 +155,6 @@ class LocalRunner:
         self.failures[stage] = StageObservation(Observed.FAILED, attempt, retryable, message)
         report.note = message
         self.console.print(f"[red]{stage.value} failed[/] ({message}{'' if retryable else ', not retryable'})")
-
-    def _finish(self, decision: Plan, reports: dict[Stage, StageReport], started: float) -> RunResult:
-        return RunResult(decision.phase, decision.message, reports, self.root, time.monotonic() - started)
 
 
 def summary_table(result: RunResult) -> Table:
