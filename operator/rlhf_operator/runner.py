@@ -133,7 +133,8 @@ class LocalRunner:
         config_path.parent.mkdir(parents=True, exist_ok=True)
         config_path.write_text(config.to_json())
         workspace = self.workdir / "work" / stage.value
-        self.console.rule(f"[bold]{stage.value}[/] (attempt {attempt})")
+        position = list(self.configs).index(stage) + 1
+        self.console.rule(f"[{position}/{len(self.configs)}] [bold]{stage.value}[/] (attempt {attempt})")
         cmd = trainer_command(stage, config_path, workspace)
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, env=trainer_env())
