@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import binaries
 from .control_plane import ControlPlane, write_kubeconfig
-from .processes import ManagedProcess, wait_for
+from .processes import ManagedProcess, kill_pod_processes, wait_for
 
 HERE = Path(__file__).resolve().parent
 NODE_NAMES = ("rlhf-node-1",)
@@ -81,6 +81,7 @@ class Cluster:
     def stop(self) -> None:
         if self.agent is not None:
             self.agent.stop(grace_s=15)
+            kill_pod_processes(self.workdir / "agent" / "pods")
         if self.control_plane is not None:
             self.control_plane.stop()
 

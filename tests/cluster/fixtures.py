@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from .cluster import Cluster, existing, start_local
+from .processes import kill_pod_processes
 
 #: the session's cluster, for the failure-report hook in conftest.py
 CURRENT: dict[str, Cluster] = {}
@@ -79,6 +80,7 @@ def _sweep_stale_workdirs() -> None:
         except (OSError, ValueError):
             continue
         if not Path(f"/proc/{owner}").exists():
+            kill_pod_processes(directory / "agent" / "pods")
             shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -13,11 +13,12 @@ What it does, per node:
   ``metadata.annotations['batch.kubernetes.io/job-completion-index']``) / resourceFieldRef, and ``envFrom``;
 - volumes: configMap, secret, emptyDir, downwardAPI and projected (service-account token, configMap, secret,
   downwardAPI) are materialised under ``<workdir>/pods/<ns>_<pod>_<uid>/volumes/<volume>``; hostPath is the host
-  path itself. A process cannot see them at their ``mountPath`` (that would take a container filesystem), so the
-  agent rewrites every occurrence of a ``mountPath`` (and of ``terminationMessagePath``) in the command, args,
-  env values and ``workingDir`` to the materialised directory. Code that opens a mount path it was not given
-  through those will not find it. The termination message file's real path is also in
-  ``RLHF_TERMINATION_MESSAGE_PATH``.
+  path itself. Each container starts through ``pod_init.py``, which mounts them (and the termination-message file)
+  at their ``mountPath`` in the container's own mount namespace, so ``/dev/termination-log`` and
+  ``/var/run/secrets/kubernetes.io/serviceaccount`` work as in a cluster; only a mountPath that would need a new
+  top-level directory (``/data``, say) is instead rewritten to the materialised directory wherever it occurs in
+  command, args, env values and ``workingDir``, as every mountPath is when namespaces are not permitted.
+  ``RLHF_TERMINATION_MESSAGE_PATH`` holds the termination-message file's real path.
 - status: Running with a 127.0.0.x podIP and Ready conditions, then Succeeded/Failed with containerStatuses exit
   codes, reasons and the termination message (file first; the log tail with ``FallbackToLogsOnError``);
   restartPolicy OnFailure/Always restarts the container in place.
@@ -25,7 +26,7 @@ What it does, per node:
 - network: pods share the machine's network; each gets its own 127.0.0.x address (all of 127/8 is loopback on
   Linux), and ``podnet.c``, compiled at start and loaded with LD_PRELOAD, turns a bind() to the wildcard address
   into a bind() to that address, so a pod's servers (torch's TCPStore binds ``[::]``) stay on loopback;
-- hostnames: each container runs in its own mount and UTS namespace (``unshare``, root only) whose hostname is the
+- hostnames: each container runs in its own mount and UTS namespace (root only) whose hostname is the
   pod's hostname and whose ``/etc/hosts`` is a per-pod file (bind-mounted, nothing global changes) naming the pod
   itself and every running pod with ``spec.hostname`` + ``spec.subdomain`` under a headless Service of that name,
   as ``<hostname>.<subdomain>``, ``...<ns>``, ``...<ns>.svc`` and ``...<ns>.svc.cluster.local``, the way cluster
@@ -46,6 +47,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -74,6 +76,28 @@ SMP = "application/strategic-merge-patch+json"
 PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
                    "MKL_NUM_THREADS", "VIRTUAL_ENV")
 PASSTHROUGH_PREFIXES = ("RLHF_", "HF_", "TRANSFORMERS_", "TORCH_")
+
+
+POD_INIT = Path(__file__).resolve().parent / "pod_init.py"
+_NAMESPACE_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x00020000 | 0x04000000) != 0:
+    sys.exit(os.strerror(ctypes.get_errno()))
+if libc.mount(None, b"/", None, (1 << 14) | (1 << 18), None) != 0:
+    sys.exit(os.strerror(ctypes.get_errno()))
+"""
+
+
+def _mountable(path: str) -> bool:
+    """Whether pod_init.py can mount at ``path``: it exists, or its nearest existing ancestor is not ``/`` (it
+    never creates top-level directories, which would outlive the namespace)."""
+    if os.path.exists(path):
+        return True
+    ancestor = os.path.dirname(os.path.normpath(path))
+    while not os.path.isdir(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return os.path.realpath(ancestor) != "/"
 
 
 def now() -> datetime.datetime:
@@ -154,6 +178,7 @@ class ContainerRun:
     argv: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     cwd: str = ""
+    mounts: list[dict] = field(default_factory=list)  # for pod_init.py
     process: subprocess.Popen[bytes] | None = None
     started_at: datetime.datetime | None = None
     finished_at: datetime.datetime | None = None
@@ -210,7 +235,10 @@ class NodeAgent:
         self.core = client.CoreV1Api(client.ApiClient())
         self.api = client.ApiClient()
         self.pods: dict[str, PodRun] = {}
-        self.free_ips = [f"127.0.0.{i}" for i in range(10, 255)] + [f"127.0.1.{i}" for i in range(1, 255)]
+        # Pod addresses, from a random starting point so that two test sessions on one machine rarely collide.
+        pool = [f"127.0.0.{i}" for i in range(10, 255)]
+        start = random.randrange(len(pool))
+        self.free_ips = pool[start:] + pool[:start] + [f"127.0.1.{i}" for i in range(1, 255)]
         self.stopping = threading.Event()
         self.use_namespaces = self._namespaces_work()
         self.podnet = self._build_podnet()
@@ -219,10 +247,11 @@ class NodeAgent:
 
     @staticmethod
     def _namespaces_work() -> bool:
-        probe = subprocess.run(["unshare", "--mount", "--uts", "true"], capture_output=True)
+        probe = subprocess.run([sys.executable, "-c", _NAMESPACE_PROBE], capture_output=True)
         if probe.returncode != 0:
-            log.warning("unshare --mount --uts is not permitted (%s): pods run without their own /etc/hosts and "
-                        "hostname, so Indexed Job hostnames will not resolve", probe.stderr.decode().strip())
+            log.warning("new mount/UTS namespaces are not permitted (%s): pods run without their own /etc/hosts, "
+                        "hostname and mounts, so Indexed Job hostnames do not resolve and volume paths are "
+                        "rewritten", probe.stderr.decode().strip())
         return probe.returncode == 0
 
     def _build_podnet(self) -> str | None:
@@ -512,17 +541,28 @@ class NodeAgent:
 
     def resolve(self, run: ContainerRun, pod: dict, volumes: dict[str, Path], directory: Path, hostname: str) -> None:
         container, namespace = run.spec, pod["metadata"]["namespace"]
-        mounts: list[tuple[str, str]] = []
+        wanted = []  # (container path, host path, read only)
         for mount in container.get("volumeMounts") or []:
             if mount["name"] not in volumes:
                 raise ConfigError(f"volume {mount['name']!r} not found")
             host = volumes[mount["name"]]
             if mount.get("subPath"):
                 host = host / mount["subPath"]
-                host.mkdir(parents=True, exist_ok=True) if not host.exists() else None
-            mounts.append((mount["mountPath"], str(host)))
-        mounts.append((container.get("terminationMessagePath") or "/dev/termination-log", str(run.termination_path)))
-        mounts.sort(key=lambda pair: len(pair[0]), reverse=True)
+                if not host.exists():
+                    host.mkdir(parents=True)
+            wanted.append((mount["mountPath"], str(host), bool(mount.get("readOnly"))))
+        termination_path = container.get("terminationMessagePath") or "/dev/termination-log"
+        wanted.append((termination_path, str(run.termination_path), False))
+        # In the container's own mount namespace (pod_init.py) a path is mounted where the pod expects it, unless
+        # that would need a new top-level directory on this machine; such paths, and all paths when there are no
+        # namespaces, are rewritten in command, args and env instead.
+        run.mounts = []
+        mounts: list[tuple[str, str]] = []
+        for container_path, host_path, read_only in wanted:
+            if self.use_namespaces and _mountable(container_path):
+                run.mounts.append({"source": host_path, "target": container_path, "read_only": read_only})
+            else:
+                mounts.append((container_path, host_path))
 
         env: dict[str, str] = {k: v for k, v in os.environ.items()
                                if k in PASSTHROUGH_ENV or k.startswith(PASSTHROUGH_PREFIXES)}
@@ -558,7 +598,7 @@ class NodeAgent:
         working_dir = container.get("workingDir")
         if working_dir:
             working_dir = rewrite_paths(working_dir, mounts)
-            if not os.path.isdir(working_dir):
+            if not os.path.isdir(working_dir) and not (self.use_namespaces and _mountable(working_dir)):
                 working_dir = str(directory / "rootfs" / working_dir.lstrip("/"))
                 os.makedirs(working_dir, exist_ok=True)
         else:
@@ -600,14 +640,18 @@ class NodeAgent:
             container.message = "the test node agent runs no image: the container needs a command"
             container.finished_at = now()
             return
+        cwd = container.cwd
         if self.use_namespaces:
-            argv = ["unshare", "--mount", "--uts", "--propagation", "private", "--", "/bin/sh", "-c",
-                    'hosts=$1; name=$2; shift 2; mount --bind "$hosts" /etc/hosts && hostname "$name" && exec "$@"',
-                    "pod-init", str(run.hosts_file), run.hostname, *argv]
+            spec = {"hostname": run.hostname, "hosts_file": str(run.hosts_file), "workdir": container.cwd,
+                    "shadow_dir": str(run.directory / "shadow" / container.name), "mounts": container.mounts}
+            spec_path = run.directory / "containers" / container.name / "pod-init.json"
+            spec_path.write_text(json.dumps(spec))
+            argv = [sys.executable, str(POD_INIT), str(spec_path), "--", *argv]
+            cwd = str(run.directory)
         out = open(container.log_path, "ab")
         try:
             container.process = subprocess.Popen(
-                argv, env=container.env, cwd=container.cwd, stdin=subprocess.DEVNULL, stdout=out,
+                argv, env=container.env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         except OSError as error:  # the command does not exist here

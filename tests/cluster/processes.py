@@ -87,6 +87,23 @@ class ManagedProcess:
             pass
 
 
+def kill_pod_processes(pods_dir: Path) -> list[int]:
+    """SIGKILL every process whose environment says it belongs to a pod under ``pods_dir`` (the node agent sets
+    RLHF_POD_DIR): the safety net for processes a pod left behind if its node agent died without cleaning up."""
+    marker = f"RLHF_POD_DIR={pods_dir}/".encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)

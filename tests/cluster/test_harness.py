@@ -81,9 +81,18 @@ def test_job_completes_through_the_real_job_controller(k8s_cluster, k8s_api, k8s
     core.create_namespaced_secret(k8s_namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}})
     script = textwrap.dedent("""
         import json, os, sys
-        config = json.load(open(sys.argv[1]))
-        result = {"greeting": os.environ["GREETING"], "token": os.environ["TOKEN"],
-                  "pod": os.environ["POD_NAME"], "lr": config["lr"], "python": sys.executable}
+        from kubernetes import client, config
+        stage = json.load(open(sys.argv[1]))
+        account = "/var/run/secrets/kubernetes.io/serviceaccount"
+        config.load_incluster_config()  # the mounted token and CA, KUBERNETES_SERVICE_HOST/PORT
+        try:
+            client.CoreV1Api().list_namespaced_secret(open(f"{account}/namespace").read())
+            api_status = 200
+        except client.ApiException as error:
+            api_status = error.status
+        result = {"greeting": os.environ["GREETING"], "token": os.environ["TOKEN"], "pod": os.environ["POD_NAME"],
+                  "lr": stage["lr"], "python": sys.executable, "namespace": open(f"{account}/namespace").read(),
+                  "api_status": api_status}
         open("/dev/termination-log", "w").write(json.dumps(result))
     """)
     manifest = job_manifest(
@@ -109,9 +118,40 @@ def test_job_completes_through_the_real_job_controller(k8s_cluster, k8s_api, k8s
     result = json.loads(terminated.message)
     assert result["greeting"] == "hello" and result["token"] == "s3cret" and result["pod"] == pod.metadata.name
     assert result["lr"] == 0.1
+    assert result["namespace"] == k8s_namespace
+    assert result["api_status"] == 403  # authenticated as the namespace's default ServiceAccount, which may not
     if k8s_cluster.local:
         assert pod.status.pod_ip.startswith("127.0.")
         assert Path(result["python"]).parent == Path(sys.executable).parent  # the project's environment
+
+
+def test_init_container_empty_dir_and_restart_on_failure(k8s_api, k8s_namespace: str) -> None:
+    """An init container prepares an emptyDir; the main container fails once, is restarted in place
+    (restartPolicy OnFailure) and then succeeds, as the emptyDir keeps its files across restarts."""
+    core, batch = client.CoreV1Api(k8s_api), client.BatchV1Api(k8s_api)
+    script = textwrap.dedent("""
+        import os, sys
+        assert open("/scratch/prepared").read() == "by init"
+        if not os.path.exists("/scratch/first-try"):
+            open("/scratch/first-try", "w").close()
+            sys.exit(1)
+    """)
+    manifest = job_manifest("retry", script, backoff_limit=3, pod={
+        "restartPolicy": "OnFailure",
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "initContainers": [{"name": "prepare", "image": IMAGE, "command": [
+            "python", "-c", "open('/scratch/prepared', 'w').write('by init')"],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+    })
+    manifest["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "scratch", "mountPath": "/scratch"}]
+    batch.create_namespaced_job(k8s_namespace, manifest)
+
+    assert job_condition(batch, k8s_namespace, "retry") == "Complete"
+    [pod] = job_pods(core, k8s_namespace, "retry")
+    assert pod.status.init_container_statuses[0].state.terminated.exit_code == 0
+    assert pod.status.container_statuses[0].restart_count == 1
+    assert pod.status.container_statuses[0].state.terminated.exit_code == 0
 
 
 def test_failing_command_fails_the_job_after_its_backoff_limit(k8s_api, k8s_namespace: str) -> None:
