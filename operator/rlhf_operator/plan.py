@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlhf_operator.spec import STAGE_ORDER, RLHFPipelineSpec, Stage
 
@@ -106,10 +106,10 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
         A :class:`Plan`. At most one stage runs at a time, since each stage needs the one before it.
     """
     phases: dict[Stage, StagePhase] = {}
-    blocked_by: Plan | None = None  # once a stage is not finished, every later stage is Pending
+    verdict: Plan | None = None  # set by the first unfinished stage; every later stage is then Pending
 
     for stage in STAGE_ORDER:
-        if blocked_by is not None:
+        if verdict is not None:
             phases[stage] = StagePhase.PENDING if spec.stage(stage).runs else _static_phase(spec, stage)
             continue
         settings = spec.stage(stage)
@@ -125,10 +125,10 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
         if seen.state is Observed.RUNNING:
             phases[stage] = StagePhase.RUNNING
             if spec.suspend:
-                blocked_by = _plan(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), "Suspended",
+                verdict = _verdict(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), "Suspended",
                                    f"spec.suspend is set: stage {stage.value} is paused")
             else:
-                blocked_by = _plan(PipelinePhase.RUNNING, stage, (), "StageRunning",
+                verdict = _verdict(PipelinePhase.RUNNING, stage, (), "StageRunning",
                                    f"stage {stage.value} is running (attempt {max(seen.attempts, 1)})")
             continue
 
@@ -139,25 +139,24 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
                 why = "it failed with a configuration error" if not seen.retryable else (
                     f"it failed {seen.attempts} time(s) and maxRetries is {settings.max_retries}")
                 detail = f": {seen.message}" if seen.message else ""
-                blocked_by = _plan(PipelinePhase.FAILED, stage, (), "StageFailed",
+                verdict = _verdict(PipelinePhase.FAILED, stage, (), "StageFailed",
                                    f"stage {stage.value} will not be retried: {why}{detail}")
                 continue
 
         # Absent, or failed with retries left: (re)start it unless suspended.
         phases[stage] = StagePhase.PENDING
         if spec.suspend:
-            blocked_by = _plan(PipelinePhase.SUSPENDED, stage, (), "Suspended",
+            verdict = _verdict(PipelinePhase.SUSPENDED, stage, (), "Suspended",
                                f"spec.suspend is set: stage {stage.value} will start when it is cleared")
         else:
             attempt = seen.attempts + 1
             verb = "retrying" if seen.state is Observed.FAILED else "starting"
-            blocked_by = _plan(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), "StageStarting",
+            verdict = _verdict(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), "StageStarting",
                                f"{verb} stage {stage.value} (attempt {attempt})")
 
-    if blocked_by is None:
-        return Plan(PipelinePhase.SUCCEEDED, phases, (), None, "Succeeded", "every stage is done")
-    return Plan(blocked_by.phase, phases, blocked_by.actions, blocked_by.current, blocked_by.reason,
-                blocked_by.message)
+    if verdict is None:
+        verdict = Plan(PipelinePhase.SUCCEEDED, {}, (), None, "Succeeded", "every stage is done")
+    return replace(verdict, stages=phases)
 
 
 def _static_phase(spec: RLHFPipelineSpec, stage: Stage) -> StagePhase:
@@ -165,7 +164,8 @@ def _static_phase(spec: RLHFPipelineSpec, stage: Stage) -> StagePhase:
     return StagePhase.PROVIDED if spec.stage(stage).artifact is not None else StagePhase.SKIPPED
 
 
-def _plan(phase: PipelinePhase, stage: Stage, actions: tuple[Action, ...], reason: str, message: str) -> Plan:
+def _verdict(phase: PipelinePhase, stage: Stage, actions: tuple[Action, ...], reason: str, message: str) -> Plan:
+    """The pipeline's outcome decided at ``stage``; stage phases are filled in when the walk ends."""
     return Plan(phase, {}, actions, stage, reason, message)
 
 
