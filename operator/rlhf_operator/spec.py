@@ -365,25 +365,86 @@ class RewardSpec(StageCommon, TrainingArgs):
     learning_rate: float = Field(1e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
 
 
+class PPOGuardrails(SpecModel):
+    """Signs that PPO is going wrong. Each one sets a ``guardrail/...`` flag in the step's metrics and is listed
+    in the stage's final metrics, so the operator can surface it as a condition; none of them stops training."""
+
+    max_kl: float | None = Field(
+        0.5, gt=0.0,
+        description="maxKl, optional: flag kl_above_threshold when the mean per-token KL to the reference "
+        "exceeds this many nats. Unset disables the check.",
+    )
+    hacking_window: int = Field(
+        10, ge=2,
+        description="hackingWindow, optional: flag reward_hacking_suspected when, over this many steps, the "
+        "mean reward-model score rose while the gold judge's mean fell (needs judge).",
+    )
+    min_length_ratio: float | None = Field(
+        0.3, gt=0.0, lt=1.0,
+        description="minLengthRatio, optional: flag length_collapse when the mean response length falls "
+        "below this fraction of the first step's. Unset disables the check.",
+    )
+    no_progress_seconds: int | None = Field(
+        None, ge=1,
+        description="noProgressSeconds, optional: flag no_progress when the best mean reward-model score "
+        "has not improved for this long. Unset disables the check.",
+    )
+
+
 class PPOSpec(StageCommon):
+    """PPO against the reward model with a KL penalty to pi_SFT (Huang et al. 2024, arXiv 2403.17031).
+
+    Names follow TRL's PPOConfig where it has one (learning_rate, total_episodes, num_ppo_epochs, kl_coef,
+    kl_estimator, cliprange, vf_coef, gamma, lam, whiten_rewards, missing_eos_penalty, stop_token).
+    Batch sizes are global: over all processes together.
+    """
+
     prompts: DatasetRef | None = Field(
         None,
         description="prompts, required unless artifact is set or the stage is disabled: prompts ('prompt' "
         "field) for rollouts.",
     )
     learning_rate: float = Field(3e-6, gt=0.0, description="learningRate, optional: policy learning rate.")
+    value_learning_rate: float | None = Field(
+        None, gt=0.0, description="valueLearningRate, optional: value-model learning rate; unset means learningRate."
+    )
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = Field(
+        "linear",
+        description="lrSchedulerType, optional: learning-rate schedule over all optimizer steps (linear decays "
+        "to 0 by the last step).",
+    )
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmupRatio, optional: LR warm-up fraction.")
     total_episodes: int = Field(
-        1024, ge=1, description="totalEpisodes, optional: prompts rolled out over the whole run."
+        1024, ge=1,
+        description="totalEpisodes, optional: prompts rolled out over the whole run; the run makes "
+        "totalEpisodes // batchSize PPO steps.",
     )
     batch_size: int = Field(16, ge=1, description="batchSize, optional: rollouts per PPO step.")
     mini_batch_size: int = Field(
-        8, ge=1, description="miniBatchSize, optional: rollouts per gradient update; divides batchSize."
+        8, ge=1, description="miniBatchSize, optional: rollouts per optimizer step; divides batchSize."
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1,
+        description="gradientAccumulationSteps, optional: micro-batches each mini-batch is split into; their "
+        "gradients are accumulated before the optimizer step. It and the number of processes divide "
+        "miniBatchSize.",
     )
     num_ppo_epochs: int = Field(4, ge=1, description="numPpoEpochs, optional: passes over each batch.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="maxGradNorm, optional: gradient clipping norm.")
     kl_coef: float = Field(0.05, ge=0.0, description="klCoef, optional: (initial) KL penalty coefficient.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="klEstimator, optional: per-token KL estimator.")
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1",
+        description="klEstimator, optional: per-token KL estimator in the penalty: k1 = log(pi/pi_ref), k3 = "
+        "(r - 1) - log r with r = pi_ref/pi (non-negative, lower variance).",
+    )
     target_kl: float | None = Field(
-        None, gt=0.0, description="targetKl, optional: enables the adaptive KL controller with this target."
+        None, gt=0.0,
+        description="targetKl, optional: enables the adaptive KL controller (Ziegler et al. 2019) with this "
+        "target, in nats per response (the sum over its tokens).",
+    )
+    kl_horizon: int = Field(
+        10000, ge=1,
+        description="klHorizon, optional: the adaptive controller's horizon in episodes: larger adapts slower.",
     )
     cliprange: float = Field(0.2, gt=0.0, description="cliprange, optional: policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0.0, description="cliprangeValue, optional: value clip.")
@@ -394,11 +455,46 @@ class PPOSpec(StageCommon):
     missing_eos_penalty: float | None = Field(
         1.0, ge=0.0, description="missingEosPenalty, optional: subtracted from the score of responses without EOS."
     )
+    stop_token: str | None = Field(
+        None,
+        description="stopToken, optional: the token (as text, one token of the vocabulary) that ends a response; "
+        "generation stops there and everything after it is padding. Unset means the tokenizer's EOS.",
+    )
     generation: GenerationSpec = Field(
         default_factory=lambda: GenerationSpec(max_new_tokens=32, temperature=0.7),
-        description="generation, optional: rollout sampling settings.",
+        description="generation, optional: rollout sampling settings. Log-probabilities are those of the "
+        "temperature-scaled distribution the tokens were sampled from.",
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="lora, optional: LoRA (peft) settings.")
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="lora, optional: LoRA (peft) settings. The reference is then the policy with its adapter "
+        "disabled: no second copy of pi_SFT in memory.",
+    )
+    value_lora: bool = Field(
+        True,
+        description="valueLora, optional: with lora.enabled, train the value model as a LoRA adapter on the "
+        "reward model too (the reward model is that adapter disabled: one copy of R_phi in memory). false "
+        "trains every weight of a separate value model.",
+    )
+    merge_lora: bool = Field(
+        True,
+        description="mergeLora, optional: with lora.enabled, write the aligned policy as a plain checkpoint with "
+        "the adapter merged (what the evaluate stage loads); false writes the adapter alone.",
+    )
+    bf16: bool | None = Field(
+        None,
+        description="bf16, optional: run forward passes under bfloat16 autocast. Unset means on for a CUDA GPU "
+        "that supports it and off on CPU (fp32 is exactly reproducible there; CPUs with AMX or AVX512-BF16 "
+        "run faster with true).",
+    )
+    judge: JudgeSpec | None = Field(
+        None,
+        description="judge, optional: a gold judge scored on every rollout (objective/gold_score), for curves "
+        "and the reward-hacking guardrail. It never enters the reward.",
+    )
+    guardrails: PPOGuardrails = Field(
+        default_factory=PPOGuardrails, description="guardrails, optional: thresholds of the guardrail flags."
+    )
     seed: int = Field(42, description="seed, optional: random seed.")
     save_steps: int = Field(10, ge=1, description="saveSteps, optional: checkpoint every N PPO steps.")
 
@@ -408,6 +504,16 @@ class PPOSpec(StageCommon):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(
                 f"miniBatchSize ({self.mini_batch_size}) must divide batchSize ({self.batch_size})"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradientAccumulationSteps ({self.gradient_accumulation_steps}) must divide miniBatchSize "
+                f"({self.mini_batch_size})"
+            )
+        if self.total_episodes < self.batch_size:
+            raise ValueError(
+                f"totalEpisodes ({self.total_episodes}) must be at least batchSize ({self.batch_size}): "
+                "the run makes totalEpisodes // batchSize steps"
             )
         return self
 

@@ -1,0 +1,159 @@
+"""The PPO engine on tiny random models, in this process: it trains what it should and nothing else, LoRA keeps
+one copy of each base model, and runs are reproducible on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_operator.spec import ModelSpec, PPOSpec
+from rlhf_trainer import models as hf_models
+from rlhf_trainer.ppo import distributed
+from rlhf_trainer.ppo.forward import response_logprobs
+from rlhf_trainer.ppo.models import load_models
+from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, left_pad, sample_responses
+from rlhf_trainer.ppo.trainer import PPOTrainer
+from rlhf_trainer.stages.ppo import save_policy
+
+PROMPTS = ["Write a one-sentence review of a film about a lighthouse keeper.",
+           "Review a comedy about two rival bakers.", "A thriller set on a night train.",
+           "An animated film about a lost robot.", "A documentary about deep-sea fish.",
+           "A romance between two chess players."]
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_model_dir, tmp_path_factory):
+    """pi_SFT and R_phi folders as the earlier stages write them (pad token added, plain checkpoints)."""
+    root = tmp_path_factory.mktemp("ppo-inputs")
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    torch.manual_seed(0)
+    tokenizer = hf_models.load_tokenizer(tiny_model_dir, spec)
+    hf_models.save_plain(hf_models.load_causal_lm(tiny_model_dir, spec, tokenizer), tokenizer, root / "sft")
+    hf_models.save_plain(hf_models.load_sequence_classifier(root / "sft", spec, tokenizer), tokenizer, root / "rm")
+    return root / "sft", root / "rm", spec
+
+
+def settings(**overrides) -> PPOSpec:
+    base = {"prompts": {"uri": "builtin://movie-reviews/prompts-train"}, "batchSize": 4, "miniBatchSize": 2,
+            "totalEpisodes": 8, "numPpoEpochs": 2, "learningRate": 1e-3, "seed": 7,
+            "generation": {"maxNewTokens": 10, "temperature": 1.0}}
+    return PPOSpec.model_validate({**base, **overrides})
+
+
+def make_trainer(ppo_inputs, **overrides) -> PPOTrainer:
+    sft, rm, spec = ppo_inputs
+    s = settings(**overrides)
+    torch.manual_seed(s.seed)
+    world = distributed.init()
+    return PPOTrainer(s, load_models(sft, rm, spec, s, world.device), PROMPTS, world)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_full_finetuning_trains_policy_and_value_only(ppo_inputs):
+    trainer = make_trainer(ppo_inputs)
+    models = trainer.models
+    before = {role: snapshot(m) for role, m in
+              [("policy", models.policy), ("reference", models.reference), ("value", models.value),
+               ("reward", models.reward)]}
+    history = trainer.train()
+
+    assert len(history) == 2 and trainer.step == 2
+    assert changed(before["policy"], models.policy) == set(before["policy"])  # every weight moved
+    assert "classifier.score.weight" in changed(before["value"], models.value)
+    assert not changed(before["reference"], models.reference) and not changed(before["reward"], models.reward)
+    assert all(not p.requires_grad for m in (models.reference, models.reward) for p in m.parameters())
+    for entry in history:
+        assert all(math.isfinite(v) for v in entry.values()), entry
+    assert history[0]["objective/kl"] == 0.0  # before the first update the policy is the reference
+    assert history[1]["objective/kl"] != 0.0
+    for key in ("objective/rm_score", "loss/policy", "loss/value", "policy/entropy", "policy/clipfrac",
+                "policy/approxkl", "response/length", "response/eos_rate", "time/generate", "time/update",
+                "throughput/tokens_per_s", "guardrail/kl_above_threshold"):
+        assert key in history[-1]
+
+
+def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
+    sft, rm, spec = ppo_inputs
+    trainer = make_trainer(ppo_inputs, lora={"enabled": True, "r": 4, "alpha": 8})
+    models = trainer.models
+    assert models.reference is None and models.reward is None  # adapters disabled stand in for them
+
+    def base_storages(module):
+        return {p.data_ptr(): p.numel() for n, p in module.named_parameters() if "lora_" not in n
+                and "modules_to_save" not in n}
+
+    plain_policy = hf_models.load_causal_lm(sft, spec, models.tokenizer)
+    plain_reward = hf_models.load_sequence_classifier(rm, spec, models.tokenizer)
+    assert sum(base_storages(models.policy).values()) == sum(p.numel() for p in plain_policy.parameters())
+    assert sum(base_storages(models.value).values()) == sum(p.numel() for p in plain_reward.parameters())
+    trainable = {n for n, p in models.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    history = trainer.train()
+    assert history[1]["objective/kl"] != 0.0
+    # the reference (adapter disabled) is still exactly pi_SFT after training
+    queries, mask = left_pad(encode_prompts(models.tokenizer, PROMPTS[:2], True), models.tokenizer.pad_token_id)
+    with torch.no_grad():
+        responses = sample_responses(models.policy, queries, mask, trainer.s.generation,
+                                     stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
+                                     generators=episode_generators(1, [0, 1], torch.device("cpu")))
+        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses.clone())[0]
+        expected = response_logprobs(plain_policy, rollout, trainer.temperature)[0]
+    torch.testing.assert_close(rollout.ref_logprobs, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rollout.logprobs, expected)
+
+    # the output: a plain checkpoint with the adapter merged in, computing what the adapted policy computes
+    from transformers import AutoModelForCausalLM
+
+    save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri())
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(merged, rollout, trainer.temperature)[0], rollout.logprobs,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_runs_are_identical_on_cpu(ppo_inputs):
+    def run():
+        return [{k: v for k, v in entry.items() if not k.startswith(("time/", "throughput/"))}
+                for entry in make_trainer(ppo_inputs).train()]
+
+    assert run() == run()
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_inputs):
+    weights = []
+    for accumulation in (1, 2):
+        trainer = make_trainer(ppo_inputs, totalEpisodes=4, numPpoEpochs=1, miniBatchSize=4,
+                               gradientAccumulationSteps=accumulation)
+        trainer.train()
+        weights.append(snapshot(trainer.models.policy))
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
+    """Each episode samples from its own generator: one process or two give the same responses."""
+    trainer = make_trainer(ppo_inputs)
+    tok = trainer.models.tokenizer
+    gen = trainer.s.generation.model_copy(update={"max_new_tokens": 16})
+
+    def sample(prompts, episodes):
+        queries, mask = left_pad(encode_prompts(tok, prompts, True), tok.pad_token_id)
+        out = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_id=trainer.stop_id,
+                               pad_token_id=trainer.pad_id,
+                               generators=episode_generators(3, episodes, torch.device("cpu")))
+        return [row[row != trainer.pad_id].tolist() for row in out]
+
+    together = sample(PROMPTS[:4], [0, 1, 2, 3])
+    assert together == sample(PROMPTS[:2], [0, 1]) + sample(PROMPTS[2:4], [2, 3])
+    assert together != sample(PROMPTS[:4], [4, 5, 6, 7])  # other episodes, other samples

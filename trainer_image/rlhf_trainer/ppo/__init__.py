@@ -1,0 +1,16 @@
+"""The PPO engine of the ``ppo`` stage: the four-model RLHF loop on torch, transformers, peft and DeepSpeed.
+
+Read in this order:
+
+* ``trainer.py``: the loop, one numbered step after another (rollout, evaluate, rewards, advantages, PPO
+  epochs, KL control and logging, checkpoint).
+* ``functional.py``: the math as pure tensor functions (masked whitening, KL estimators, stop-token truncation,
+  missing-EOS penalty, reward placement, GAE, clipped losses), each tested against hand-computed values.
+* ``experience.py``: what one step carries from the rollout to the update, with tensor shapes.
+* ``rollout.py``: batched, left-padded sampling with the KV cache and one seeded generator per episode.
+* ``forward.py``: log-probabilities and values of a batch (LM head on response positions only).
+* ``models.py``: loading policy, reference, value and reward models; what LoRA shares.
+* ``kl_control.py``, ``guardrails.py``, ``metrics_log.py``: beta, warning flags, per-step metrics.
+* ``learner.py``, ``distributed.py``, ``checkpoint.py``, ``seeding.py``: optimizers (plain or DeepSpeed
+  ZeRO), processes, checkpoints in the store, reproducible randomness.
+"""

@@ -1,0 +1,194 @@
+"""A trained model with its optimizer: plain PyTorch, or a DeepSpeed ZeRO engine (``zeroStage`` 1-3).
+
+Both backends take the same calls, once per micro-batch ``backward(loss)`` and once per mini-batch
+``step()``, where ``loss`` is this process's share of the mini-batch loss already divided by the number of
+response tokens in the whole mini-batch (all micro-batches, all processes). Summing the gradients over
+micro-batches and processes therefore gives exactly the gradient of the whole mini-batch's token mean, the
+same as one process computing it alone.
+
+Details: AdamW with epsilon 1e-5 (as CleanRL and OpenAI's lm-human-preferences); the learning rate annealed
+over all optimizer steps of the run; gradients clipped to ``maxGradNorm`` after they are summed over processes.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rlhf_operator.spec import PPOSpec
+from rlhf_trainer.ppo.distributed import World
+
+ADAM_EPS = 1e-5
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: float, total_updates: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(kind, optimizer, num_warmup_steps=int(warmup_ratio * total_updates),
+                         num_training_steps=total_updates)
+
+
+class TorchLearner:
+    """Plain PyTorch: gradients summed over processes with one all-reduce per optimizer step.
+
+    (What DistributedDataParallel does, minus its forward hooks: the reference and reward passes run through
+    the same modules with adapters disabled, which DDP's bookkeeping does not expect.)
+    """
+
+    def __init__(self, module: nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, total_updates: int,
+                 max_grad_norm: float, world: World) -> None:
+        self.module = module
+        self.model = module  # what to call for a forward pass
+        self.world = world
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        if world.distributed:  # identical starting weights everywhere (a LoRA adapter's init is random)
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, eps=ADAM_EPS)
+        self.scheduler = _scheduler(self.optimizer, scheduler, warmup_ratio, total_updates)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Sum gradients over processes, clip, update, anneal the LR. Returns the gradient norm before clipping."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.world.distributed:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p, g in zip(self.params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(g)
+                offset += g.numel()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def gathered(self) -> AbstractContextManager:
+        """Full parameters available locally (always the case without ZeRO-3)."""
+        return nullcontext()
+
+    def save(self, directory: Path, name: str) -> None:
+        """Trained weights (the adapter alone under LoRA), optimizer and scheduler. Main process only."""
+        if not self.world.is_main:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in zip(self.names, self.params)},
+                  str(directory / f"{name}.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   directory / f"{name}.optimizer.pt")
+
+    def load(self, directory: Path, name: str) -> None:
+        weights = load_file(str(directory / f"{name}.safetensors"))
+        if sorted(weights) != sorted(self.names):
+            raise ValueError(f"checkpoint {directory} holds other {name} weights than this model trains")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(weights[n])
+        state = torch.load(directory / f"{name}.optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class DeepSpeedLearner:
+    """A DeepSpeed ZeRO engine. Every process saves and loads its own shard of weights and optimizer state."""
+
+    def __init__(self, module: nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, total_updates: int,
+                 max_grad_norm: float, world: World, zero_stage: int, micro_batch: int,
+                 accumulation_steps: int) -> None:
+        deepspeed = import_deepspeed()
+        self.world = world
+        self.zero_stage = zero_stage
+        self.accumulation_steps = accumulation_steps
+        params = [p for p in module.parameters() if p.requires_grad]
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": accumulation_steps,
+            "gradient_clipping": max_grad_norm,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own needs compiled kernels
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.model, _, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=torch.optim.AdamW(params, lr=lr, eps=ADAM_EPS),
+            lr_scheduler=lambda opt: _scheduler(opt, scheduler, warmup_ratio, total_updates),
+            config=config,
+        )
+        self.module = self.model.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by the accumulation steps and averages over processes; the loss is already a share
+        # of the global token mean, so undo both.
+        self.model.backward(loss * self.accumulation_steps * self.world.size)
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()  # counts the micro-step; the optimizer steps only at the boundary (in step())
+
+    def step(self) -> float:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.model.get_lr()[0])
+
+    def gathered(self) -> AbstractContextManager:
+        """Under ZeRO-3, gather the full parameters for the duration (generation, saving)."""
+        if self.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+
+    def save(self, directory: Path, name: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_checkpoint(str(directory), tag=name, save_latest=False)
+
+    def load(self, directory: Path, name: str) -> None:
+        path, _ = self.model.load_checkpoint(str(directory), tag=name)
+        if path is None:
+            raise ValueError(f"no DeepSpeed checkpoint {name} in {directory}")
+
+
+Learner = TorchLearner | DeepSpeedLearner
+
+
+def import_deepspeed() -> Any:
+    """DeepSpeed, set up for this machine: the CPU accelerator without a GPU, collectives through torch."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed would compile its shared-memory collective kernels at start-up (minutes, and a compiler in the
+    # image); the process group's own gloo/nccl collectives are what we use.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def make_learner(module: nn.Module, *, lr: float, settings: PPOSpec, total_updates: int, micro_batch: int,
+                 world: World) -> Learner:
+    """The learner ``settings.distributed.zeroStage`` asks for: plain PyTorch for 0, DeepSpeed for 1-3."""
+    common: dict[str, Any] = dict(lr=lr, scheduler=settings.lr_scheduler_type, warmup_ratio=settings.warmup_ratio,
+                                  total_updates=total_updates, max_grad_norm=settings.max_grad_norm, world=world)
+    if settings.distributed.zero_stage == 0:
+        return TorchLearner(module, **common)
+    return DeepSpeedLearner(module, **common, zero_stage=settings.distributed.zero_stage, micro_batch=micro_batch,
+                            accumulation_steps=settings.gradient_accumulation_steps)

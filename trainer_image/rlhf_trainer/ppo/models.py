@@ -1,0 +1,155 @@
+"""The four models of PPO and how they share weights.
+
+==========  =====================================  =========  ==============================================
+role        loaded from                            trained    with LoRA
+==========  =====================================  =========  ==============================================
+policy      pi_SFT (causal LM)                     yes        an adapter on pi_SFT
+reference   pi_SFT (causal LM)                     no         the policy with its adapter disabled: no copy
+value       R_phi (sequence classifier, 1 label)   yes        an adapter on R_phi (``valueLora``)
+reward      R_phi (sequence classifier, 1 label)   no         the value model with its adapter disabled
+==========  =====================================  =========  ==============================================
+
+Frozen models are in eval mode with gradients off. Dropout is disabled everywhere (detail: with dropout the
+log-probabilities of the rollout and of the first update would differ for the same weights). The value model is
+the reward model's scalar head read at every position (:class:`TokenValues`), so its first estimates are the
+reward model's own opinion of each prefix.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from rlhf_operator.spec import ModelSpec, PPOSpec, QuantizationSpec
+from rlhf_trainer import models as hf_models
+from rlhf_trainer.errors import ConfigError
+
+
+class TokenValues(nn.Module):
+    """The critic: a sequence classifier's scalar head applied to every position, not only the last one."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier  # a transformers sequence classifier, or a peft model around one
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                response_width: int) -> torch.Tensor:
+        """V of the state before each response token.
+
+        Args:
+            input_ids, attention_mask, position_ids: (B, P + R) prompt + response, left-padded.
+            response_width: R.
+
+        Returns:
+            (B, R) float32 values (read at positions P-1 .. P+R-2: the state before each response token).
+        """
+        inner = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
+        backbone = getattr(inner, inner.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return inner.score(hidden[:, -response_width - 1:-1]).squeeze(-1).float()
+
+
+@dataclass
+class PPOModels:
+    """Tokenizers and models by role; ``reference`` / ``reward`` are None when LoRA shares their weights."""
+
+    tokenizer: Any  # the policy's (prompts and responses are in its vocabulary)
+    reward_tokenizer: Any  # the reward model's (scoring re-tokenizes the text exactly as the reward stage did)
+    policy: nn.Module
+    reference: nn.Module | None
+    value: TokenValues
+    reward: nn.Module | None
+
+    @contextmanager
+    def reference_of(self, policy: Any) -> Iterator[Any]:
+        """The frozen pi_SFT to call: its own copy, or ``policy`` with the LoRA adapter disabled.
+
+        Args:
+            policy: what to call for the policy (the module, or the DeepSpeed engine around it).
+        """
+        if self.reference is not None:
+            yield self.reference
+            return
+        with self.policy.disable_adapter():
+            yield policy
+
+    @contextmanager
+    def reward_model(self) -> Iterator[nn.Module]:
+        """The frozen R_phi: its own copy, or the value model's classifier with the LoRA adapter disabled."""
+        if self.reward is not None:
+            yield self.reward
+            return
+        classifier = self.value.classifier
+        with classifier.disable_adapter():
+            yield classifier
+
+
+def disable_dropout(net: nn.Module) -> nn.Module:
+    """Dropout probability 0 in every layer (LoRA dropout included) and in attention."""
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return net
+
+
+def _unquantized(spec: ModelSpec) -> ModelSpec:
+    return spec.model_copy(update={"quantization": QuantizationSpec()})
+
+
+def _to(net: nn.Module, spec: ModelSpec, device: torch.device) -> nn.Module:
+    # bitsandbytes places quantized weights on the GPU itself and refuses .to()
+    return net if spec.quantization.bits else net.to(device)
+
+
+def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: PPOSpec,
+                device: torch.device) -> PPOModels:
+    """Load policy, reference, value and reward models for PPO.
+
+    ``spec.quantization`` (4/8-bit, CUDA only) applies to frozen weights: the reference and reward models,
+    and the frozen bases under LoRA adapters. Fully trained models are always loaded unquantized.
+
+    Raises:
+        ConfigError: when the two checkpoints' vocabularies differ (the value model reads the policy's tokens).
+    """
+    tokenizer = hf_models.load_tokenizer(policy_dir, spec)
+    reward_tokenizer = hf_models.load_tokenizer(reward_dir, spec)
+    if tokenizer.get_vocab() != reward_tokenizer.get_vocab():
+        raise ConfigError(
+            "ppo: the policy (pi_SFT) and the reward model have different vocabularies, but the value model, "
+            "initialised from the reward model, reads the policy's tokens: train the reward model from pi_SFT "
+            "or from the same base model (spec.reward.initFrom)"
+        )
+    lora = settings.lora.enabled
+
+    policy_spec = spec if lora else _unquantized(spec)
+    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer), policy_spec, device)
+    reference = None
+    if lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, hf_models.lora_config(settings.lora, "CAUSAL_LM"))
+    else:
+        reference = hf_models.freeze(_to(hf_models.load_causal_lm(policy_dir, spec, tokenizer), spec, device))
+    disable_dropout(policy).train()
+
+    value_lora = lora and settings.value_lora
+    value_spec = spec if value_lora else _unquantized(spec)
+    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer), value_spec, device)
+    reward = None
+    if value_lora:
+        from peft import get_peft_model
+
+        classifier = get_peft_model(classifier, hf_models.lora_config(settings.lora, "SEQ_CLS"))
+    else:
+        reward = hf_models.freeze(_to(hf_models.load_sequence_classifier(reward_dir, spec, reward_tokenizer),
+                                      spec, device))
+    value = TokenValues(disable_dropout(classifier)).train()
+    return PPOModels(tokenizer, reward_tokenizer, policy, reference, value, reward)

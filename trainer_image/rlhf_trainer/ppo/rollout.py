@@ -1,0 +1,114 @@
+"""Rollouts: prompts in, sampled responses out (batched, left-padded, KV cache, inference mode).
+
+Each episode (one prompt of one step) samples from its own random generator, seeded by the run's seed and
+the episode's global index. A response therefore depends on the seed, the weights and the prompt only, not on
+which process sampled it or what else was in its batch: one process and several give the same rollouts, and a
+resumed run the same as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhf_operator.spec import GenerationSpec
+from rlhf_trainer.generation import format_prompt
+from rlhf_trainer.ppo.seeding import generator
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
+    """Token ids the policy is conditioned on: the chat template's user turn and assistant header."""
+    texts = [format_prompt(tokenizer, p, use_chat_template) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest one.
+
+    Returns:
+        ids (B, P) and attention mask (B, P), 1 on real tokens.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding shifts nothing)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def episode_generators(seed: int, episodes: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """One random generator per episode, seeded from (seed, global episode index)."""
+    return [generator(seed, "episode", int(e), device=device) for e in episodes]
+
+
+def _warpers(gen: GenerationSpec) -> list[Any]:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    warpers: list[Any] = []
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(top_k=gen.top_k))
+    if gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=gen.top_p))
+    return warpers
+
+
+@torch.inference_mode()
+def sample_responses(
+    model: Any,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    gen: GenerationSpec,
+    *,
+    stop_token_id: int,
+    pad_token_id: int,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """Sample one response per query with the KV cache.
+
+    Args:
+        model: a causal LM (or a peft model around one) in eval mode.
+        queries: (B, P) left-padded prompt ids.
+        query_mask: (B, P) attention mask of the prompts.
+        gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
+        stop_token_id: a row stops after sampling it.
+        pad_token_id: fills a row after it stopped.
+        generators: one per row (:func:`episode_generators`).
+
+    Returns:
+        (B, R) response ids with ``R <= max_new_tokens``: as long as the longest response, padding after
+        each row's stop token.
+    """
+    warpers = _warpers(gen)
+    mask = query_mask.clone()
+    positions = position_ids(mask)
+    out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    done = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
+    tokens: list[torch.Tensor] = []
+    for _ in range(gen.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if gen.temperature == 0:
+            next_tokens = logits.argmax(-1)
+        else:
+            logits = logits / gen.temperature
+            for warp in warpers:
+                logits = warp(None, logits)
+            probs = torch.softmax(logits, dim=-1)
+            next_tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        next_tokens = torch.where(done, pad_token_id, next_tokens)
+        tokens.append(next_tokens)
+        done |= next_tokens == stop_token_id
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1)

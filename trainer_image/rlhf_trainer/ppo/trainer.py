@@ -1,0 +1,371 @@
+"""The PPO loop for RLHF, one step at a time (read :meth:`PPOTrainer.train_step` top to bottom).
+
+One step, as in Ziegler et al. 2019 and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
+
+1. rollout: sample a response to each of this step's prompts with the current policy;
+2. evaluate: truncate at the stop token, score with the reward model, one forward pass per model for the
+   log-probabilities (policy, reference) and values;
+3. rewards: a KL penalty on every token, the score on the last one;
+4. advantages: GAE, whitened over the batch;
+5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
+6. adapt the KL coefficient, log the step's metrics and guardrail flags;
+7. checkpoint every ``saveSteps`` steps (and when stopped by SIGTERM).
+
+Prefixes: ``b_`` would be the batch, but the batch is :class:`Experience` itself; ``mini`` and ``micro`` are a
+mini-batch (one optimizer step) and a micro-batch (one forward/backward pass).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_operator.spec import PPOSpec
+from rlhf_trainer import reward_scoring
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.judges import Judge
+from rlhf_trainer.ppo import seeding
+from rlhf_trainer.ppo.distributed import World
+from rlhf_trainer.ppo.experience import Experience, Rollout
+from rlhf_trainer.ppo.forward import autocast, response_logprobs, response_values
+from rlhf_trainer.ppo.functional import (
+    apply_missing_eos_penalty,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    response_mask,
+    token_rewards,
+    truncate_at_stop,
+    value_loss,
+)
+from rlhf_trainer.ppo.guardrails import Guardrails
+from rlhf_trainer.ppo.kl_control import make_kl_controller
+from rlhf_trainer.ppo.learner import make_learner
+from rlhf_trainer.ppo.metrics_log import MetricsLog
+from rlhf_trainer.ppo.models import PPOModels
+from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, left_pad, sample_responses
+
+TRAINER_STATE = "trainer_state.json"
+METRICS = "metrics.jsonl"
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the trainer stopped between steps (its state is that after ``trainer.step`` steps)."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Batch sizes derived once from the spec and the number of processes (the spec itself is never changed)."""
+
+    steps: int  # PPO steps in the run
+    local_batch: int  # rollouts per process per step
+    local_mini_batch: int  # rollouts per process per optimizer step
+    micro_batch: int  # rollouts per forward/backward pass
+    updates: int  # optimizer steps in the run (the LR schedule's length)
+
+    @classmethod
+    def of(cls, s: PPOSpec, processes: int) -> Sizes:
+        if s.mini_batch_size % (processes * s.gradient_accumulation_steps):
+            raise ConfigError(
+                f"spec.ppo.miniBatchSize ({s.mini_batch_size}) must be divisible by the number of processes "
+                f"({processes}) times gradientAccumulationSteps ({s.gradient_accumulation_steps})"
+            )
+        local_mini_batch = s.mini_batch_size // processes
+        steps = s.total_episodes // s.batch_size
+        return cls(steps=steps, local_batch=s.batch_size // processes, local_mini_batch=local_mini_batch,
+                   micro_batch=local_mini_batch // s.gradient_accumulation_steps,
+                   updates=steps * s.num_ppo_epochs * (s.batch_size // s.mini_batch_size))
+
+
+def stop_token_id(tokenizer: Any, stop_token: str | None) -> int:
+    if stop_token is None:
+        return tokenizer.eos_token_id
+    ids = tokenizer.convert_tokens_to_ids([stop_token])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ConfigError(f"spec.ppo.stopToken {stop_token!r} is not a single token of the policy's vocabulary")
+    return ids[0]
+
+
+class PPOTrainer:
+    """PPO on a prompt list with the four models of :class:`PPOModels`, in one process or several."""
+
+    def __init__(
+        self,
+        settings: PPOSpec,
+        models: PPOModels,
+        prompts: Sequence[str],
+        world: World,
+        *,
+        use_chat_template: bool = True,
+        judge: Judge | None = None,
+        log: MetricsLog | None = None,
+    ) -> None:
+        self.s = settings
+        self.models = models
+        self.prompts = list(prompts)
+        self.world = world
+        self.device = world.device
+        self.sizes = Sizes.of(settings, world.size)
+        self.judge = judge
+        self.log = log or MetricsLog(None)
+        tokenizer = models.tokenizer
+        self.chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.reward_chat = use_chat_template and bool(getattr(models.reward_tokenizer, "chat_template", None))
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_id = stop_token_id(tokenizer, settings.stop_token)
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        self.bf16 = cuda_bf16 if settings.bf16 is None else settings.bf16
+        self.temperature = settings.generation.temperature
+
+        def learner(module: torch.nn.Module, lr: float) -> Any:
+            return make_learner(module, lr=lr, settings=settings, total_updates=self.sizes.updates,
+                                micro_batch=self.sizes.micro_batch, world=world)
+
+        self.policy = learner(models.policy, settings.learning_rate)
+        self.value = learner(models.value, settings.value_learning_rate or settings.learning_rate)
+        self.kl_ctl = make_kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
+        self.guardrails = Guardrails(settings.guardrails)
+        self.step = 0  # PPO steps done; also the data position (see episodes_of_step)
+        self.history: list[dict[str, float]] = []  # every step's metrics
+        self.stop_requested = False  # set by the SIGTERM handler
+        self._prompt_orders: dict[int, torch.Tensor] = {}
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def train(self, checkpoint: Callable[[PPOTrainer], None] | None = None) -> list[dict[str, float]]:
+        """Run the remaining steps; checkpoint every ``saveSteps`` steps, and before raising :class:`Stopped`."""
+        while self.step < self.sizes.steps:
+            try:
+                self.train_step()
+                if self.world.any(self.stop_requested):
+                    raise Stopped(f"stopped after step {self.step}")
+            except Stopped:
+                if checkpoint is not None:
+                    checkpoint(self)
+                raise
+            if checkpoint is not None and self.step % self.s.save_steps == 0 and self.step < self.sizes.steps:
+                checkpoint(self)
+        return self.history
+
+    def train_step(self) -> dict[str, float]:
+        s, world = self.s, self.world
+        started = time.perf_counter()
+        episodes = self.episodes_of_step(self.step)
+        prompts = [self.prompt_of(e) for e in episodes]
+
+        # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3).
+        queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        with self.policy.gathered(), autocast(self.device, self.bf16):
+            responses = sample_responses(
+                self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
+                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device))
+        responses = responses.clone()  # an ordinary tensor again (inference-mode tensors cannot enter autograd)
+        generated = time.perf_counter()
+        self.raise_if_stopped()
+
+        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, log-probs and values.
+        rollout, texts = self.evaluate(episodes, prompts, queries, query_mask, responses)
+        gold = self.judge.score(prompts, texts) if self.judge is not None else None
+        scored = time.perf_counter()
+        self.raise_if_stopped()
+
+        # 3. Rewards: -beta * KL(pi || pi_ref) on every token, plus the score on the last token.
+        beta = self.kl_ctl.value
+        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, s.kl_estimator) * rollout.mask
+        rewards = token_rewards(rollout.scores, kl, rollout.mask, rollout.lengths, beta)
+        if s.whiten_rewards:
+            rewards = masked_whiten(rewards, rollout.mask, shift_mean=False, reduce=world.all_sum)
+
+        # 4. Advantages: GAE over the response tokens, whitened with the whole batch's statistics.
+        advantages, returns = gae(rewards, rollout.values, rollout.mask, s.gamma, s.lam)
+        advantages = masked_whiten(advantages, rollout.mask, reduce=world.all_sum)
+        experience = Experience(**_fields(rollout), rewards=rewards, advantages=advantages, returns=returns)
+
+        # 5. PPO epochs over shuffled mini-batches.
+        update_stats = self.update(experience)
+        updated = time.perf_counter()
+
+        # 6. Adapt beta to this step's KL (nats per response), log, check the guardrails.
+        kl_per_response = self.mean(kl.sum(1))
+        self.kl_ctl.update(kl_per_response, s.batch_size)
+        self.step += 1
+        metrics = {
+            "step": self.step,
+            "episodes": self.step * s.batch_size,
+            "objective/rm_score": self.mean(rollout.rm_scores),
+            "objective/scores": self.mean(rollout.scores),
+            "objective/kl": self.token_mean(kl, rollout.mask),
+            "objective/kl_sum": kl_per_response,
+            "objective/kl_coef": beta,
+            "objective/non_score_reward": -beta * kl_per_response,
+            "objective/rlhf_reward": self.mean(rollout.scores) - beta * kl_per_response,
+            "objective/entropy": self.token_mean(-rollout.logprobs, rollout.mask),
+            **({"objective/gold_score": self.mean(torch.tensor(gold, device=self.device))} if gold else {}),
+            **update_stats,
+            "val/mean": self.token_mean(rollout.values, rollout.mask),
+            "val/returns": self.token_mean(returns, rollout.mask),
+            "response/length": self.mean(rollout.lengths.float()),
+            "response/eos_rate": self.mean(rollout.has_stop.float()),
+            "lr/policy": self.policy.lr,
+            "lr/value": self.value.lr,
+            "time/generate": generated - started,
+            "time/score": scored - generated,
+            "time/update": updated - scored,
+            "time/step": updated - started,
+            "throughput/tokens_per_s": float(world.all_sum(rollout.lengths.sum().float())) / (updated - started),
+        }
+        metrics.update(self.guardrails.check(metrics))
+        self.history.append(metrics)
+        self.log.write(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, episodes: Sequence[int], prompts: Sequence[str], queries: torch.Tensor,
+                 query_mask: torch.Tensor, responses: torch.Tensor) -> tuple[Rollout, list[str]]:
+        """Step 2: score the responses and run each model once over them (in micro-batches)."""
+        s = self.s
+        responses, lengths, has_stop = truncate_at_stop(responses, self.stop_id, self.pad_id)
+        mask = response_mask(lengths, responses.shape[1])
+        texts = [self.models.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                 for row, n in zip(responses.tolist(), lengths.tolist())]
+
+        # The reward model reads text in the format it was trained on (chat template over user + assistant).
+        with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
+            rm_scores = torch.tensor(reward_scoring.score(
+                reward_model, self.models.reward_tokenizer, prompts, texts, chat=self.reward_chat,
+                batch_size=self.sizes.micro_batch), device=self.device)
+        scores = apply_missing_eos_penalty(rm_scores, has_stop, s.missing_eos_penalty)
+
+        zeros = torch.zeros(responses.shape, device=self.device)
+        rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
+                          query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
+                          has_stop=has_stop, logprobs=zeros, ref_logprobs=zeros.clone(), values=zeros.clone(),
+                          rm_scores=rm_scores, scores=scores)
+        for rows in torch.arange(len(episodes), device=self.device).split(self.sizes.micro_batch):
+            micro = rollout.select(rows)
+            width = micro.responses.shape[1]
+            with autocast(self.device, self.bf16):
+                rollout.logprobs[rows, :width] = response_logprobs(self.policy.model, micro, self.temperature)[0]
+                with self.models.reference_of(self.policy.model) as reference:
+                    rollout.ref_logprobs[rows, :width] = response_logprobs(reference, micro, self.temperature)[0]
+                rollout.values[rows, :width] = response_values(self.value.model, micro)
+        return rollout, texts
+
+    def update(self, experience: Experience) -> dict[str, float]:
+        """Step 5: ``numPpoEpochs`` passes over the batch in shuffled mini-batches, one optimizer step each."""
+        s, sizes = self.s, self.sizes
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        grad_norms: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(s.num_ppo_epochs):
+            order = torch.randperm(sizes.local_batch, generator=seeding.generator(s.seed, "order", self.step, epoch))
+            for mini_rows in order.to(self.device).split(sizes.local_mini_batch):
+                mini = experience.select(mini_rows)
+                # Losses are token means over the whole mini-batch (every micro-batch of every process).
+                tokens = self.world.all_sum(mini.mask.sum().float()).clamp(min=1)
+                for micro_rows in torch.arange(len(mini_rows), device=self.device).split(sizes.micro_batch):
+                    micro = mini.select(micro_rows)
+                    with autocast(self.device, self.bf16):
+                        logprobs, entropy = response_logprobs(self.policy.model, micro, self.temperature,
+                                                              with_entropy=True)
+                    pg_loss, pg_clipped, approx_kl = policy_loss(logprobs, micro.logprobs, micro.advantages,
+                                                                 micro.mask, s.cliprange)
+                    self.policy.backward(pg_loss.sum() / tokens)
+
+                    with autocast(self.device, self.bf16):
+                        values = response_values(self.value.model, micro)
+                    vf_loss, vf_clipped = value_loss(values, micro.values, micro.returns, micro.mask,
+                                                     s.cliprange_value)
+                    self.value.backward(s.vf_coef * vf_loss.sum() / tokens)
+
+                    mask = micro.mask
+                    sums["loss/policy"] += pg_loss.detach().sum()
+                    sums["loss/value"] += vf_loss.detach().sum()
+                    sums["policy/clipfrac"] += pg_clipped.sum()
+                    sums["policy/approxkl"] += (approx_kl * mask).sum()
+                    sums["policy/entropy"] += (entropy * mask).sum()
+                    sums["val/clipfrac"] += vf_clipped.sum()
+                    sums["tokens"] += mask.sum()
+                grad_norms["policy/grad_norm"].append(self.policy.step())
+                grad_norms["val/grad_norm"].append(self.value.step())
+        names = sorted(sums)
+        totals = self.world.all_sum(torch.stack([sums[n].float() for n in names]))
+        tokens = totals[names.index("tokens")].clamp(min=1)
+        stats = {n: float(t / tokens) for n, t in zip(names, totals) if n != "tokens"}
+        stats.update({n: sum(v) / len(v) for n, v in grad_norms.items()})
+        return stats
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def episodes_of_step(self, step: int) -> list[int]:
+        """This process's episodes of a step: its contiguous share of the step's global episode range."""
+        first = step * self.s.batch_size + self.world.rank * self.sizes.local_batch
+        return list(range(first, first + self.sizes.local_batch))
+
+    def prompt_of(self, episode: int) -> str:
+        """The prompt of a global episode: prompts are visited in a fresh seeded order each pass over them."""
+        data_epoch, position = divmod(episode, len(self.prompts))
+        if data_epoch not in self._prompt_orders:
+            order = torch.randperm(len(self.prompts), generator=seeding.generator(self.s.seed, "prompts", data_epoch))
+            self._prompt_orders = {data_epoch: order}
+        return self.prompts[int(self._prompt_orders[data_epoch][position])]
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def mean(self, values: torch.Tensor) -> float:
+        """Mean over every element on every process."""
+        total = self.world.all_sum(torch.stack([values.float().sum(), torch.tensor(float(values.numel()),
+                                                                                  device=values.device)]))
+        return float(total[0] / total[1].clamp(min=1))
+
+    def token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        return float(masked_mean(values.float(), mask, reduce=self.world.all_sum))
+
+    def raise_if_stopped(self) -> None:
+        """Stop between phases of a step when no weight has changed yet (all processes agree)."""
+        if self.world.any(self.stop_requested):
+            raise Stopped(f"stopped during step {self.step + 1}, before its update")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def save_state(self, directory: Path) -> None:
+        """Write what continuing exactly needs: weights (or adapters), optimizers, LR schedules, beta, guardrail
+        history, RNG states, step (the data position follows from it) and the metrics so far."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.policy.save(directory, "policy")
+        self.value.save(directory, "value")
+        torch.save(seeding.rng_state(), directory / f"rng-rank{self.world.rank}.pt")
+        if self.world.is_main:
+            state = {"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
+                     "guardrails": self.guardrails.state_dict(), "sizes": dataclasses.asdict(self.sizes)}
+            (directory / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            (directory / METRICS).write_text("".join(json.dumps(m) + "\n" for m in self.history))
+
+    def load_state(self, directory: Path) -> None:
+        state = json.loads((directory / TRAINER_STATE).read_text())
+        if state["sizes"] != dataclasses.asdict(self.sizes):
+            raise ConfigError(f"the checkpoint in {directory} was made with other batch sizes: {state['sizes']}")
+        self.policy.load(directory, "policy")
+        self.value.load(directory, "value")
+        rng = directory / f"rng-rank{self.world.rank}.pt"
+        if rng.exists():
+            seeding.set_rng_state(torch.load(rng, weights_only=True))
+        self.step = state["step"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.guardrails.load_state_dict(state["guardrails"])
+        self.history = [json.loads(line) for line in (directory / METRICS).read_text().splitlines() if line]
+        self.log.rewrite(self.history)
+
+
+def _fields(rollout: Rollout) -> dict[str, torch.Tensor]:
+    return {f.name: getattr(rollout, f.name) for f in dataclasses.fields(rollout)}
