@@ -146,5 +146,5 @@ def test_rlhf_train_exit_codes(tmp_path, capsys):
     (tmp_path / "ppo.json").write_text(ppo.to_json())
     assert train_main(["ppo", "--config", str(tmp_path / "ppo.json"), "--workspace", str(tmp_path / "ws")]) \
         == EXIT_CONFIG_ERROR
-    assert "not available in this trainer version" in capsys.readouterr().err
+    assert "spec.ppo.prompts is required" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "store").exists()  # nothing was published

@@ -27,7 +27,7 @@ from rlhf_trainer.errors import ConfigError, Preempted
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report
 TERMINATION_LOG = Path(os.environ.get("RLHF_TERMINATION_LOG", "/dev/termination-log"))
-IMPLEMENTED = {Stage.SFT, Stage.PREFERENCES, Stage.REWARD, Stage.EVALUATE}
+IMPLEMENTED = {Stage.SFT, Stage.PREFERENCES, Stage.REWARD, Stage.PPO, Stage.EVALUATE}
 
 
 def load_config(path: str | None, stage: Stage) -> StageConfig:
@@ -57,6 +57,8 @@ def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     started = time.monotonic()
     metrics = module.run(ws)
     metrics["seconds"] = round(time.monotonic() - started, 1)
+    if os.environ.get("RANK", "0") != "0":  # another process of a distributed stage: the main one publishes
+        return metrics
     (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     result = publish(ws.output_dir, config.output_uri, ws.output_store, stage=config.stage.value,
                      config_digest=config.digest, metrics=metrics)

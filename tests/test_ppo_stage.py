@@ -1,0 +1,153 @@
+"""``rlhf-train ppo`` as the executors run it, on tiny random models: the published output, SIGTERM and resume,
+and two processes (DeepSpeed ZeRO-3 over gloo, started with plain MASTER_*/RANK variables) against one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_operator.artifacts import StorageOptions, open_store, read_manifest
+from rlhf_operator.loading import parse_pipeline
+from rlhf_operator.spec import ModelSpec, Stage
+from rlhf_operator.stage_config import build_stage_config
+from rlhf_trainer import models as hf_models
+
+pytestmark = pytest.mark.slow
+
+EXIT_PREEMPTED = 143
+DETERMINISTIC = ("time/", "throughput/", "lr/")  # wall-clock figures differ from run to run
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, tmp_path_factory):
+    """pi_SFT and R_phi folders as the earlier stages write them."""
+    root = tmp_path_factory.mktemp("ppo-artifacts")
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    torch.manual_seed(0)
+    tokenizer = hf_models.load_tokenizer(tiny_model_dir, spec)
+    hf_models.save_plain(hf_models.load_causal_lm(tiny_model_dir, spec, tokenizer), tokenizer, root / "sft")
+    hf_models.save_plain(hf_models.load_sequence_classifier(root / "sft", spec, tokenizer), tokenizer, root / "rm")
+    return tiny_model_dir, root / "sft", root / "rm"
+
+
+def stage_config(artifacts, tmp_path: Path, name: str, **ppo) -> Path:
+    base, sft, rm = artifacts
+    settings = {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 24}, "batchSize": 4,
+                "miniBatchSize": 2, "numPpoEpochs": 2, "totalEpisodes": 8, "learningRate": 1e-3, "saveSteps": 100,
+                "generation": {"maxNewTokens": 10, "temperature": 1.0}, "judge": {"type": "vader"}, **ppo}
+    doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
+                          "metadata": {"name": name},
+                          "spec": {"model": {"uri": base.as_uri()}, "sft": {"artifact": sft.as_uri()},
+                                   "reward": {"artifact": rm.as_uri()}, "ppo": settings}})
+    path = tmp_path / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build_stage_config(doc, Stage.PPO, (tmp_path / "store").as_uri()).to_json())
+    return path
+
+
+def output_dir(config: Path) -> Path:
+    return Path(json.loads(config.read_text())["outputUri"].removeprefix("file://"))
+
+
+def rlhf_train(config: Path, workspace: Path, **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "rlhf_trainer", "ppo", "--config", str(config),
+                             "--workspace", str(workspace)], env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    return output
+
+
+def steps(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def comparable(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not k.startswith(DETERMINISTIC)}
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tmp_path):
+    settings = {"totalEpisodes": 24, "saveSteps": 2}  # 6 steps
+    straight = stage_config(artifacts, tmp_path / "a", "straight", **settings)
+    proc = rlhf_train(straight, tmp_path / "a" / "ws")
+    output = finish(proc)
+    assert proc.returncode == 0, output
+    out = output_dir(straight)
+    manifest = read_manifest(out.as_uri(), open_store(out.as_uri(), StorageOptions()))
+    assert manifest is not None and manifest.stage == "ppo"  # published, manifest last
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl"} <= {f.path for f in manifest.files}
+    assert {"rm_score", "kl", "gold_score"} <= set(manifest.metrics) and manifest.metrics["steps"] == 6
+    expected = steps(out / "metrics.jsonl")
+    assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
+
+    config = stage_config(artifacts, tmp_path / "b", "interrupted", **settings)
+    workspace = tmp_path / "b" / "ws"
+    proc = rlhf_train(config, workspace)
+    live_log = workspace / "output" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (live_log.exists() and len(steps(live_log)) >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no PPO step finished"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc)
+    assert proc.returncode == EXIT_PREEMPTED, output
+    pointer = json.loads((output_dir(config) / "checkpoints" / "latest.json").read_text())
+    stopped_at = pointer["global_step"]
+    assert 2 <= stopped_at < 6 and not (output_dir(config) / "manifest.json").exists()
+
+    proc = rlhf_train(config, tmp_path / "b" / "ws2")
+    output = finish(proc)
+    assert proc.returncode == 0, output
+    assert f"(step {stopped_at})" in output
+    resumed = steps(output_dir(config) / "metrics.jsonl")
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
+    for got, want in zip(resumed, expected):
+        assert comparable(got) == pytest.approx(comparable(want), rel=1e-5, abs=1e-6), got["step"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
+    settings = {"miniBatchSize": 4, "totalEpisodes": 8}  # one mini-batch per step: the same rows either way
+    single = stage_config(artifacts, tmp_path / "one", "single", **settings)
+    proc = rlhf_train(single, tmp_path / "one" / "ws")
+    output = finish(proc)
+    assert proc.returncode == 0, output
+
+    sharded = stage_config(artifacts, tmp_path / "two", "zero3", saveSteps=1,
+                           distributed={"nodes": 2, "zeroStage": 3}, **settings)
+    port = str(free_port())
+    procs = [rlhf_train(sharded, tmp_path / "two" / f"ws{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0") for rank in (0, 1)]
+    outputs = [finish(p) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+
+    out = output_dir(sharded)
+    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert pointer["processes"] == 2
+    for rank in (0, 1):  # every process stored its own ZeRO shard
+        assert (out / "checkpoints" / pointer["checkpoint"] / f"rank-{rank}" / "manifest.json").exists()
+    one, two = steps(output_dir(single) / "metrics.jsonl"), steps(out / "metrics.jsonl")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("objective/rm_score", "objective/kl", "loss/policy", "loss/value", "policy/approxkl",
+                    "policy/entropy", "val/mean", "response/length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
