@@ -44,14 +44,26 @@ def is_built(component: str) -> bool:
     return (component_dir(component) / ".complete").is_file()
 
 
+#: components whose build failed in this process: not retried (a failing build is slow to fail again)
+FAILED: dict[str, str] = {}
+
+
 def ensure(component: str) -> Path:
     """The directory holding ``component``'s binaries, building them first if they are not cached (a cold
-    Kubernetes build takes tens of minutes; see README.md). Raises ``RuntimeError`` if the build fails."""
+    build takes about 20 minutes; see README.md). Raises ``RuntimeError`` if the build fails."""
+    if component in FAILED:
+        raise RuntimeError(FAILED[component])
     if not is_built(component):
         # The build's progress goes to the real stderr so a first run does not look hung under pytest's capture.
-        result = subprocess.run(["bash", str(BUILD_SCRIPT), component], stdout=subprocess.PIPE, stderr=sys.__stderr__)
-        if result.returncode != 0 or not is_built(component):
-            raise RuntimeError(f"{BUILD_SCRIPT} {component} failed (exit {result.returncode}); see the output above")
+        try:
+            result = subprocess.run(["bash", str(BUILD_SCRIPT), component], stdout=subprocess.PIPE,
+                                    stderr=sys.__stderr__)
+            code = result.returncode
+        except OSError as error:
+            code = f"{error}"
+        if code != 0 or not is_built(component):
+            FAILED[component] = f"{BUILD_SCRIPT} {component} failed ({code}); see its output above"
+            raise RuntimeError(FAILED[component])
     return component_dir(component)
 
 

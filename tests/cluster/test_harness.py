@@ -80,19 +80,23 @@ def test_job_completes_through_the_real_job_controller(k8s_cluster, k8s_api, k8s
                                                       "data": {"greeting": "hello", "stage.json": '{"lr": 0.1}'}})
     core.create_namespaced_secret(k8s_namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}})
     script = textwrap.dedent("""
-        import json, os, sys
-        from kubernetes import client, config
+        import json, os, ssl, sys, urllib.error, urllib.request
         stage = json.load(open(sys.argv[1]))
+        # In-cluster access as client libraries do it: the mounted token and CA, KUBERNETES_SERVICE_HOST/PORT.
         account = "/var/run/secrets/kubernetes.io/serviceaccount"
-        config.load_incluster_config()  # the mounted token and CA, KUBERNETES_SERVICE_HOST/PORT
+        namespace = open(f"{account}/namespace").read()
+        url = (f"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}"
+               f"/api/v1/namespaces/{namespace}/secrets")
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {open(account + '/token').read()}"})
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                             urllib.request.HTTPSHandler(context=ssl.create_default_context(
+                                                 cafile=f"{account}/ca.crt")))
         try:
-            client.CoreV1Api().list_namespaced_secret(open(f"{account}/namespace").read())
-            api_status = 200
-        except client.ApiException as error:
-            api_status = error.status
+            api_status = direct.open(request, timeout=30).status
+        except urllib.error.HTTPError as error:
+            api_status = error.code
         result = {"greeting": os.environ["GREETING"], "token": os.environ["TOKEN"], "pod": os.environ["POD_NAME"],
-                  "lr": stage["lr"], "python": sys.executable, "namespace": open(f"{account}/namespace").read(),
-                  "api_status": api_status}
+                  "lr": stage["lr"], "python": sys.executable, "namespace": namespace, "api_status": api_status}
         open("/dev/termination-log", "w").write(json.dumps(result))
     """)
     manifest = job_manifest(
@@ -119,7 +123,7 @@ def test_job_completes_through_the_real_job_controller(k8s_cluster, k8s_api, k8s
     assert result["greeting"] == "hello" and result["token"] == "s3cret" and result["pod"] == pod.metadata.name
     assert result["lr"] == 0.1
     assert result["namespace"] == k8s_namespace
-    assert result["api_status"] == 403  # authenticated as the namespace's default ServiceAccount, which may not
+    assert result["api_status"] == 403  # authenticated as the namespace's default ServiceAccount: not allowed
     if k8s_cluster.local:
         assert pod.status.pod_ip.startswith("127.0.")
         assert Path(result["python"]).parent == Path(sys.executable).parent  # the project's environment
