@@ -10,13 +10,17 @@
   standard ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` keys in the test's namespace.
 
 Other test folders use them by importing them into their own conftest.py:
-``from cluster.fixtures import *  # noqa: F401,F403``.
+``from cluster.fixtures import *  # noqa: F401,F403``. That also brings the hooks below: the binaries are built
+before the first test (so a cold build counts against no test's timeout), and a failed test's report carries the
+tail of the cluster's logs.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 import shutil
 import tempfile
 import uuid
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from . import binaries
 from .cluster import Cluster, existing, start_local
 from .processes import kill_pod_processes
 
@@ -69,6 +74,7 @@ def k8s_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 KEPT_LOGS = pytest.StashKey[Path]()
+_LOGS_REPORTED = pytest.StashKey[bool]()
 
 
 def _sweep_stale_workdirs() -> None:
@@ -207,3 +213,55 @@ def pod_s3(k8s_cluster: Cluster, k8s_api, k8s_namespace: str, request: pytest.Fi
         "stringData": {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
     })
     return PodS3(endpoint, bucket, f"s3://{bucket}", secret_name, access_key, secret_key, region)
+
+
+# ------------------------------------------------------------------------------------------------ hooks
+LOG_TAIL_BYTES = 4000
+
+
+def _uses(session: pytest.Session, fixture: str) -> bool:
+    return any(fixture in getattr(item, "fixturenames", ()) for item in session.items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    if not use_existing_cluster() and _uses(session, "k8s_cluster"):
+        for component in ("kubernetes", "etcd"):
+            try:
+                binaries.ensure(component)
+            except RuntimeError:
+                pass  # remembered in binaries.FAILED: every test that needs the cluster errors with the reason
+    s3_choice = os.environ.get("RLHF_TEST_S3_SERVER", "auto")
+    if s3_choice in ("auto", "minio") and _uses(session, "s3_server"):
+        try:
+            binaries.ensure("minio")
+        except RuntimeError as error:
+            if s3_choice == "minio":
+                return  # remembered in binaries.FAILED: the S3 tests error with the reason
+            message = f"MinIO could not be built, the S3 tests use moto instead: {error}"
+            print(message, file=sys.__stderr__)
+            warnings.warn(message, stacklevel=1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    cluster = CURRENT.get("cluster")
+    if report.failed and cluster is not None and cluster.local:
+        namespace = getattr(item, "funcargs", {}).get("k8s_namespace")
+        files = cluster.log_files() + (cluster.pod_log_files(namespace) if isinstance(namespace, str) else [])
+        for path in files:
+            try:
+                data = path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace")
+            except OSError:
+                continue
+            report.sections.append((f"cluster log {path.name} (tail)", data))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    kept = config.stash.get(KEPT_LOGS, None)
+    if kept is not None and not config.stash.get(_LOGS_REPORTED, False):
+        config.stash[_LOGS_REPORTED] = True  # several conftests may import this hook
+        terminalreporter.write_line(f"test cluster logs kept in {kept}")
