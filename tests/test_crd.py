@@ -58,3 +58,19 @@ def test_rlhf_crd_prints_it(capsys):
 
     assert main(["crd"]) == 0
     assert capsys.readouterr().out == crd_yaml()
+
+
+def test_cross_field_rules_are_cel_validations():
+    """The rules the API server enforces at admission (tests/operator/test_admission.py applies them)."""
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = schema["properties"]["spec"]
+    ppo_rules = {r["fieldPath"]: r["rule"] for r in spec["properties"]["ppo"]["x-kubernetes-validations"]}
+    assert ppo_rules[".miniBatchSize"] == "self.batchSize % self.miniBatchSize == 0"
+    assert ".prompts" in ppo_rules and ".gradientAccumulationSteps" in ppo_rules
+    assert {r["fieldPath"] for r in spec["x-kubernetes-validations"]} == {".storage", ".reward", ".ppo", ".evaluate"}
+    lora = spec["properties"]["sft"]["properties"]["lora"]
+    assert "default" not in lora["properties"]["r"]  # a CEL rule must see an unset rank as unset
+    transition = [r for r in schema["x-kubernetes-validations"] if "oldSelf" in r["rule"]]
+    assert [r["fieldPath"] for r in transition] == [".spec.sft", ".spec.preferences", ".spec.reward", ".spec.ppo",
+                                                     ".spec.evaluate"]
+    assert schema["properties"]["metadata"]["properties"]["name"]["maxLength"] == 40

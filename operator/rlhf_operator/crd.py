@@ -82,6 +82,40 @@ def status_schema() -> dict[str, Any]:
     return out
 
 
+def _immutable_while_running(stage: str) -> api.Rule:
+    """A transition rule: ``spec.<stage>`` cannot change while the status says that stage is running (its Job
+    runs with the settings it was created with). Rules with ``oldSelf`` are checked on updates only."""
+    running = (f"has(oldSelf.status) && has(oldSelf.status.stages) && "
+               f"oldSelf.status.stages.exists(s, s.name == '{stage}' && s.phase == 'Running')")
+    same = (f"(has(self.spec.{stage}) ? has(oldSelf.spec.{stage}) && self.spec.{stage} == oldSelf.spec.{stage} "
+            f": !has(oldSelf.spec.{stage}))")
+    return api.Rule(f"!({running}) || {same}",
+                    f"spec.{stage} cannot change while the {stage} stage is running: set spec.suspend: true and "
+                    "wait for the stage to pause, or wait for it to finish",
+                    f".spec.{stage}", reason="FieldValueForbidden")
+
+
+def root_rules() -> list[dict[str, str]]:
+    """CEL rules on the whole object: a running stage's settings are immutable."""
+    return [_immutable_while_running(s.value).schema() for s in api.STAGE_ORDER]
+
+
+def metadata_schema() -> dict[str, Any]:
+    """Only ``metadata.name`` may be constrained in a CRD: stage Job and Service names are derived from it."""
+    return {
+        "type": "object",
+        "properties": {
+            "name": {
+                "type": "string",
+                "maxLength": api.NAME_MAX_LENGTH,
+                "pattern": api.NAME_PATTERN,
+                "description": f"name: at most {api.NAME_MAX_LENGTH} lowercase letters, digits and '-', starting "
+                "with a letter (stage Job and Service names are derived from it).",
+            }
+        },
+    }
+
+
 def crd() -> dict[str, Any]:
     """The CustomResourceDefinition object."""
     return {
@@ -117,10 +151,11 @@ def crd() -> dict[str, Any]:
                             "type": "object",
                             "description": f"{api.KIND} is one RLHF training run, from base model to aligned policy.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": root_rules(),
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "metadata": metadata_schema(),
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -14,6 +14,7 @@ recognises them.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
@@ -31,6 +32,10 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/rlhf-operator/rlhf-trainer:0.1.0"
 
 URI_SCHEMES = ("s3", "file", "builtin")
 URI_PATTERN = r"^(s3|file|builtin)://.+$"
+#: A pipeline's name: a DNS-1035 label of at most 40 characters, so that ``<name>-<stage>-<hash>`` is a valid Job
+#: and Service name and ``<job>-<index>`` a valid pod hostname.
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MAX_LENGTH = 40
 
 
 class Stage(str, enum.Enum):
@@ -61,8 +66,51 @@ def _check_uri(value: str) -> str:
 URI = Annotated[str, AfterValidator(_check_uri), WithJsonSchema({"type": "string", "pattern": URI_PATTERN})]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One CEL rule the API server checks at admission (``x-kubernetes-validations`` in the CRD).
+
+    ``rule`` is evaluated with ``self`` bound to the model's object; ``message`` (or ``message_expression``,
+    a CEL string expression) is what ``kubectl apply`` shows, prefixed with ``field_path`` (relative to the
+    model, e.g. ``.miniBatchSize``) when given, so the error names the field to fix.
+    """
+
+    rule: str
+    message: str
+    field_path: str | None = None
+    message_expression: str | None = None
+    reason: str = "FieldValueInvalid"
+
+    def schema(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+            out["reason"] = self.reason
+        return out
+
+
+def _schema_extra(schema: dict[str, Any], cls: type) -> None:
+    """JSON Schema hook of every spec model: adds the CEL rules of the class and its bases, and drops the
+    schema defaults named in ``no_schema_default`` (fields a CEL rule must see as unset)."""
+    rules: list[dict[str, str]] = []
+    for klass in reversed(cls.__mro__):
+        for rule in vars(klass).get("cel_rules", ()):
+            if rule.schema() not in rules:
+                rules.append(rule.schema())
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+    for name in getattr(cls, "no_schema_default", ()):
+        schema.get("properties", {}).get(name, {}).pop("default", None)
+
+
 class SpecModel(BaseModel):
-    """Base of every spec model: camelCase in YAML, unknown fields rejected."""
+    """Base of every spec model: camelCase in YAML, unknown fields rejected.
+
+    ``cel_rules`` hold the cross-field rules the API server enforces (the pydantic validators say the same
+    for the local runner, where they can).
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -70,7 +118,16 @@ class SpecModel(BaseModel):
         extra="forbid",
         use_enum_values=True,
         validate_default=True,
+        json_schema_extra=_schema_extra,
     )
+    cel_rules: ClassVar[tuple[Rule, ...]] = ()
+    no_schema_default: ClassVar[tuple[str, ...]] = ()
+
+
+def _required_when_run(field: str) -> Rule:
+    """The CEL twin of :func:`_require_when_run`."""
+    return Rule(f"!self.enabled || has(self.artifact) || has(self.{field})",
+                f"{field} is required when the stage is enabled and no artifact is given", f".{field}")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -183,14 +240,29 @@ class DatasetRef(SpecModel):
 
 
 class LoraSpec(SpecModel):
+    # r, alpha, dropout and targetModules carry no default in the CRD, so that the API server can tell a
+    # value the user wrote (only allowed with enabled: true) from an unset one; pydantic fills them in.
+    cel_rules = (Rule("self.enabled || !(has(self.r) || has(self.alpha) || has(self.dropout) || "
+                      "has(self.targetModules))",
+                      "r, alpha, dropout and targetModules are LoRA options: set them only with enabled: true",
+                      ".enabled"),)
+    no_schema_default = ("r", "alpha", "dropout", "targetModules")
+
     enabled: bool = Field(False, description="enabled, optional: train a LoRA adapter instead of all weights.")
-    r: int = Field(16, ge=1, description="r, optional: LoRA rank.")
-    alpha: int = Field(32, ge=1, description="alpha, optional: LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout, optional: LoRA dropout.")
+    r: int = Field(16, ge=1, description="r, optional: LoRA rank (default 16); only with enabled: true.")
+    alpha: int = Field(
+        32, ge=1, description="alpha, optional: LoRA scaling numerator, lora_alpha (default 32); only with "
+        "enabled: true.",
+    )
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="dropout, optional: LoRA dropout (default 0.05); only with enabled: true."
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
-        description="targetModules, optional: module names to adapt; 'all-linear' adapts every linear layer.",
+        max_length=64,
+        description="targetModules, optional: module names to adapt (default all-linear: every linear layer); "
+        "only with enabled: true.",
     )
 
 
@@ -201,6 +273,25 @@ class ResourceRequirements(SpecModel):
     limits: dict[str, int | str] = Field(
         default_factory=dict,
         description="limits, optional: as a container's resources.limits; GPUs as 'nvidia.com/gpu'.",
+    )
+
+
+class Toleration(SpecModel):
+    """A pod toleration, as in a pod spec."""
+
+    cel_rules = (Rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value)",
+                      "value must be empty when operator is Exists", ".value"),)
+
+    key: str | None = Field(None, description="key, optional: the taint key; empty with Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="operator, optional: Exists or Equal (the default)."
+    )
+    value: str | None = Field(None, description="value, optional: the taint value to match with Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="effect, optional: the taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="tolerationSeconds, optional: how long a NoExecute taint is tolerated."
     )
 
 
@@ -249,11 +340,22 @@ class StageCommon(SpecModel):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="nodeSelector, optional: node labels the stage pods require."
     )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32,
+        description="tolerations, optional: taints the stage pods tolerate (e.g. nvidia.com/gpu on GPU nodes).",
+    )
+    priority_class_name: str | None = Field(
+        None, description="priorityClassName, optional: PriorityClass of the stage pods."
+    )
     max_retries: int = Field(
-        2, ge=0, le=20, description="maxRetries, optional: retries after a retryable failure before giving up."
+        2, ge=0, le=20,
+        description="maxRetries, optional: retries after a retryable failure before giving up (the Job's "
+        "backoffLimit). Preempted or evicted pods are retried without counting.",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="activeDeadlineSeconds, optional: wall-clock limit for one attempt."
+        None, ge=1,
+        description="activeDeadlineSeconds, optional: wall-clock limit for the stage's Job, retries included; "
+        "a stage that exceeds it fails and is not retried.",
     )
 
     @property
@@ -301,6 +403,8 @@ class TrainingArgs(SpecModel):
 
 
 class SFTSpec(StageCommon, TrainingArgs):
+    cel_rules = (_required_when_run("dataset"),)
+
     dataset: DatasetRef | None = Field(
         None,
         description="dataset, required unless artifact is set or the stage is disabled: demonstrations with "
@@ -317,6 +421,8 @@ class SFTSpec(StageCommon, TrainingArgs):
 
 
 class PreferencesSpec(StageCommon):
+    cel_rules = (_required_when_run("prompts"),)
+
     prompts: DatasetRef | None = Field(
         None,
         description="prompts, required unless artifact is set or the stage is disabled: prompts ('prompt' "
@@ -398,6 +504,16 @@ class PPOSpec(StageCommon):
     kl_estimator, cliprange, vf_coef, gamma, lam, whiten_rewards, missing_eos_penalty, stop_token).
     Batch sizes are global: over all processes together.
     """
+
+    cel_rules = (
+        _required_when_run("prompts"),
+        Rule("self.batchSize % self.miniBatchSize == 0", "miniBatchSize must divide batchSize", ".miniBatchSize"),
+        Rule("self.miniBatchSize % self.gradientAccumulationSteps == 0",
+             "gradientAccumulationSteps must divide miniBatchSize", ".gradientAccumulationSteps"),
+        Rule("self.totalEpisodes >= self.batchSize",
+             "totalEpisodes must be at least batchSize: the run makes totalEpisodes / batchSize PPO steps",
+             ".totalEpisodes"),
+    )
 
     prompts: DatasetRef | None = Field(
         None,
@@ -519,6 +635,8 @@ class PPOSpec(StageCommon):
 
 
 class EvaluateSpec(StageCommon):
+    cel_rules = (_required_when_run("prompts"),)
+
     prompts: DatasetRef | None = Field(
         None,
         description="prompts, required unless the stage is disabled: held-out prompts ('prompt' field).",
@@ -553,7 +671,31 @@ STAGE_SPECS: dict[Stage, type[StageCommon]] = {
 }
 
 
+def _runs(stage: str) -> str:
+    """CEL: the stage is executed (its section is present, enabled, and no artifact stands in for it)."""
+    return f"(has(self.{stage}) && self.{stage}.enabled && !has(self.{stage}.artifact))"
+
+
+def _provides(stage: str) -> str:
+    """CEL: later stages can use the stage's output (it runs, or an artifact stands in for it)."""
+    return f"(has(self.{stage}) && (self.{stage}.enabled || has(self.{stage}.artifact)))"
+
+
 class RLHFPipelineSpec(SpecModel):
+    cel_rules = (
+        Rule("has(self.storage) && has(self.storage.uri)",
+             "storage.uri is required on a cluster: s3://BUCKET/PREFIX where every stage's artifacts go",
+             ".storage"),
+        Rule(f"!{_runs('reward')} || has(self.reward.dataset) || {_provides('preferences')}",
+             "reward needs preference pairs: enable preferences, set preferences.artifact, or set reward.dataset",
+             ".reward"),
+        Rule(f"!{_runs('ppo')} || {_provides('reward')}",
+             "ppo needs a reward model: enable reward or set reward.artifact", ".ppo"),
+        Rule(f"!{_runs('evaluate')} || {_provides('ppo')} || {_provides('reward')}",
+             "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact",
+             ".evaluate"),
+    )
+
     model: ModelSpec = Field(description="model, required: the base model and its tokenizer.")
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="storage, optional: where artifacts are kept."
@@ -566,6 +708,11 @@ class RLHFPipelineSpec(SpecModel):
     )
     service_account_name: str | None = Field(
         None, description="serviceAccountName, optional: ServiceAccount of the trainer pods."
+    )
+    queue_name: str | None = Field(
+        None,
+        description="queueName, optional: Kueue LocalQueue for the stage Jobs (the kueue.x-k8s.io/queue-name "
+        "label); Kueue then admits each Job when its quota allows.",
     )
     suspend: bool = Field(False, description="suspend, optional: pause before the next stage.")
     sft: SFTSpec = Field(default_factory=lambda: SFTSpec(enabled=False), description="sft, optional: stage 1.")
@@ -606,10 +753,10 @@ class ObjectMeta(SpecModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
     name: str = Field(
         min_length=1,
-        max_length=40,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="the pipeline's name (lowercase letters, digits and '-', at most 40 characters, so the "
-        "stage Job names derived from it stay valid).",
+        max_length=NAME_MAX_LENGTH,
+        pattern=NAME_PATTERN,
+        description="the pipeline's name (lowercase letters, digits and '-', starting with a letter, at most "
+        "40 characters, so the stage Job and Service names derived from it stay valid).",
     )
     namespace: str = "default"
     uid: str | None = None

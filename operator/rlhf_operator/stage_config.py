@@ -35,8 +35,8 @@ from rlhf_operator.spec import (
 
 # Settings that say where and how a stage runs, not what it computes: they never invalidate an output.
 OPERATIONAL_FIELDS = frozenset(
-    {"enabled", "artifact", "image", "resources", "distributed", "node_selector", "max_retries",
-     "active_deadline_seconds"}
+    {"enabled", "artifact", "image", "resources", "distributed", "node_selector", "tolerations",
+     "priority_class_name", "max_retries", "active_deadline_seconds"}
 )
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from rlhf_operator.plan import PipelinePhase, StagePhase
+from rlhf_operator.spec import STAGE_ORDER, Stage
 
 
 class StatusModel(BaseModel):
@@ -30,6 +31,23 @@ class ConditionType:
     REWARD_HACKING_SUSPECTED = "RewardHackingSuspected"  # means that a PPO guardrail fired
 
 
+class Reason:
+    """Condition and Event reasons (CamelCase, for machines), each with what it means."""
+
+    SUCCEEDED = "Succeeded"  # means that every stage is done
+    STAGE_STARTING = "StageStarting"  # means that the operator created (or resumed) the stage's Job
+    STAGE_RUNNING = "StageRunning"  # means that the stage's Job is running
+    STAGE_SUCCEEDED = "StageSucceeded"  # means that the stage's manifest is in the store
+    STAGE_RETRYING = "StageRetrying"  # means that a pod of the stage failed and the Job started another
+    STAGE_FAILED = "StageFailed"  # means that the stage failed and will not be retried
+    SUSPENDED = "Suspended"  # means that spec.suspend is set
+    INVALID_SPEC = "InvalidSpec"  # means that the spec did not validate (only possible without the CRD's checks)
+    NO_PROGRESS = "NoProgress"  # means that the stage published no new step for longer than allowed
+    GUARDRAIL_FIRED = "GuardrailFired"  # means that a PPO guardrail flag is set in the stage's metrics
+    NO_GUARDRAIL = "NoGuardrailFired"  # means that no PPO guardrail flag is set
+    AS_EXPECTED = "AsExpected"  # means that nothing is wrong
+
+
 class Condition(StatusModel):
     type: str = Field(description="type: the condition's type, e.g. Ready.")
     status: Literal["True", "False", "Unknown"] = Field(description="status: True, False or Unknown.")
@@ -41,8 +59,14 @@ class Condition(StatusModel):
     )
 
 
+class StageProgress(StatusModel):
+    step: int | None = Field(None, description="step: the last step the stage published.")
+    total_steps: int | None = Field(None, description="totalSteps: the steps the stage will make, when known.")
+    updated: str | None = Field(None, description="updated: when the operator last read the progress (RFC 3339).")
+
+
 class StageStatus(StatusModel):
-    name: str = Field(description="name: the stage (sft, preferences, reward, ppo, evaluate).")
+    name: Stage = Field(description="name: the stage (sft, preferences, reward, ppo, evaluate).")
     phase: StagePhase = Field(description="phase: Pending, Running, Succeeded, Failed, Skipped or Provided.")
     job_name: str | None = Field(None, description="jobName: the stage's Job (operator) or process (local).")
     attempts: int = Field(0, description="attempts: how many times the stage was started.")
@@ -50,9 +74,13 @@ class StageStatus(StatusModel):
     completion_time: str | None = Field(None, description="completionTime: when the stage finished.")
     artifact_uri: str | None = Field(None, description="artifactUri: where the stage's output is stored.")
     manifest_digest: str | None = Field(None, description="manifestDigest: sha256 of the output's manifest.")
+    config_digest: str | None = Field(
+        None, description="configDigest: the digest of the stage config the output was made with."
+    )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="metrics: headline metrics (loss, accuracy, reward, kl...)."
     )
+    progress: StageProgress | None = Field(None, description="progress: live progress of a running stage.")
     message: str = Field("", description="message: the last thing said about the stage.")
 
 
@@ -63,8 +91,13 @@ class PipelineStatus(StatusModel):
     current_stage: str | None = Field(None, description="currentStage: the stage the pipeline stands at.")
     reward: float | None = Field(None, description="reward: latest mean reward-model score (PPO, evaluate).")
     kl: float | None = Field(None, description="kl: latest mean per-token KL to the reference policy.")
+    message: str = Field("", description="message: what the pipeline is doing, in a sentence.")
     observed_generation: int | None = Field(
         None, description="observedGeneration: the spec generation the status reflects."
     )
-    stages: list[StageStatus] = Field(default_factory=list, description="stages: one entry per stage.")
-    conditions: list[Condition] = Field(default_factory=list, description="conditions: standard conditions.")
+    stages: list[StageStatus] = Field(
+        default_factory=list, max_length=len(STAGE_ORDER), description="stages: one entry per stage."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="conditions: standard conditions, one per type."
+    )
