@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import binaries
@@ -31,7 +31,6 @@ class Cluster:
     nodes: tuple[str, ...] = ()
     control_plane: ControlPlane | None = None
     agent: ManagedProcess | None = None
-    _owned: list[ManagedProcess] = field(default_factory=list)
 
     def api_client(self, kubeconfig: Path | None = None):
         """A fresh ``kubernetes.client.ApiClient`` for ``kubeconfig`` (default: the admin's)."""
