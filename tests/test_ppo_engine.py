@@ -73,7 +73,8 @@ def test_full_finetuning_trains_policy_and_value_only(ppo_inputs):
     assert all(not p.requires_grad for m in (models.reference, models.reward) for p in m.parameters())
     for entry in history:
         assert all(math.isfinite(v) for v in entry.values()), entry
-    assert history[0]["objective/kl"] == 0.0  # before the first update the policy is the reference
+    # before the first update the policy is the reference (sampling-pass log-probs: float rounding only)
+    assert abs(history[0]["objective/kl"]) < 1e-5
     assert history[1]["objective/kl"] != 0.0
     for key in ("objective/rm_score", "loss/policy", "loss/value", "policy/entropy", "policy/clipfrac",
                 "policy/approxkl", "response/length", "response/eos_rate", "time/generate", "time/update",
@@ -103,11 +104,14 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     # the reference (adapter disabled) is still exactly pi_SFT after training
     queries, mask = left_pad(encode_prompts(models.tokenizer, PROMPTS[:2], True), models.tokenizer.pad_token_id)
     with torch.no_grad():
-        responses = sample_responses(models.policy, queries, mask, trainer.s.generation,
-                                     stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
-                                     generators=episode_generators(1, [0, 1], torch.device("cpu")))
-        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses.clone())[0]
+        responses, logprobs = sample_responses(models.policy, queries, mask, trainer.s.generation,
+                                               stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
+                                               generators=episode_generators(1, [0, 1], torch.device("cpu")))
+        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses.clone(), logprobs.clone())[0]
         expected = response_logprobs(plain_policy, rollout, trainer.temperature)[0]
+        # the sampling pass's log-probs are the policy's, as a full forward pass computes them
+        torch.testing.assert_close(rollout.logprobs, response_logprobs(models.policy, rollout, trainer.temperature)[0],
+                                   atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rollout.ref_logprobs, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(rollout.logprobs, expected)
 
@@ -149,9 +153,9 @@ def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
 
     def sample(prompts, episodes):
         queries, mask = left_pad(encode_prompts(tok, prompts, True), tok.pad_token_id)
-        out = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_id=trainer.stop_id,
-                               pad_token_id=trainer.pad_id,
-                               generators=episode_generators(3, episodes, torch.device("cpu")))
+        out, _ = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_id=trainer.stop_id,
+                                  pad_token_id=trainer.pad_id,
+                                  generators=episode_generators(3, episodes, torch.device("cpu")))
         return [row[row != trainer.pad_id].tolist() for row in out]
 
     together = sample(PROMPTS[:4], [0, 1, 2, 3])

@@ -35,6 +35,11 @@ def _scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: float,
                          num_training_steps=total_updates)
 
 
+def adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over parameters, gradients and moments; CPU and CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, eps=ADAM_EPS, fused=True)
+
+
 class TorchLearner:
     """Plain PyTorch: gradients summed over processes with one all-reduce per optimizer step.
 
@@ -53,7 +58,7 @@ class TorchLearner:
         if world.distributed:  # identical starting weights everywhere (a LoRA adapter's init is random)
             for p in self.params:
                 dist.broadcast(p.data, src=0)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, eps=ADAM_EPS)
+        self.optimizer = adamw(self.params, lr)
         self.scheduler = _scheduler(self.optimizer, scheduler, warmup_ratio, total_updates)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -127,7 +132,7 @@ class DeepSpeedLearner:
         }
         self.model, _, _, self.scheduler = deepspeed.initialize(
             model=module,
-            optimizer=torch.optim.AdamW(params, lr=lr, eps=ADAM_EPS),
+            optimizer=adamw(params, lr),
             lr_scheduler=lambda opt: _scheduler(opt, scheduler, warmup_ratio, total_updates),
             config=config,
         )

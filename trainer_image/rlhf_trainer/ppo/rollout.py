@@ -70,11 +70,16 @@ def sample_responses(
     stop_token_id: int,
     pad_token_id: int,
     generators: Sequence[torch.Generator],
-) -> torch.Tensor:
-    """Sample one response per query with the KV cache.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one response per query with the KV cache, keeping each sampled token's log-probability.
+
+    The log-probabilities are those of the temperature-scaled distribution (before top-k / top-p filtering),
+    the quantity the update's forward pass computes; taking them from the sampling pass itself saves a
+    forward pass of the policy per rollout (as TRL does). They equal the forward pass's up to float rounding
+    (cached decoding sums in another order).
 
     Args:
-        model: a causal LM (or a peft model around one) in eval mode.
+        model: a causal LM (or a peft model around one).
         queries: (B, P) left-padded prompt ids.
         query_mask: (B, P) attention mask of the prompts.
         gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
@@ -83,32 +88,35 @@ def sample_responses(
         generators: one per row (:func:`episode_generators`).
 
     Returns:
-        (B, R) response ids with ``R <= max_new_tokens``: as long as the longest response, padding after
-        each row's stop token.
+        responses (B, R) with ``R <= max_new_tokens`` (as long as the longest response; padding after each
+        row's stop token) and their log-probabilities (B, R), 0 on padding.
     """
     warpers = _warpers(gen)
+    scale = gen.temperature if gen.temperature > 0 else 1.0
     mask = query_mask.clone()
     positions = position_ids(mask)
     out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     done = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
     tokens: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
     for _ in range(gen.max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float() / scale
         if gen.temperature == 0:
             next_tokens = logits.argmax(-1)
         else:
-            logits = logits / gen.temperature
+            filtered = logits
             for warp in warpers:
-                logits = warp(None, logits)
-            probs = torch.softmax(logits, dim=-1)
+                filtered = warp(None, filtered)
+            probs = torch.softmax(filtered, dim=-1)
             next_tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
-        next_tokens = torch.where(done, pad_token_id, next_tokens)
-        tokens.append(next_tokens)
-        done |= next_tokens == stop_token_id
+        logprob = logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        tokens.append(torch.where(done, pad_token_id, next_tokens))
+        logprobs.append(torch.where(done, 0.0, logprob))
+        done |= tokens[-1] == stop_token_id
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+        out = model(input_ids=tokens[-1].unsqueeze(1), attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(tokens, dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

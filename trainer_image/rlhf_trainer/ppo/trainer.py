@@ -3,8 +3,8 @@
 One step, as in Ziegler et al. 2019 and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
 
 1. rollout: sample a response to each of this step's prompts with the current policy;
-2. evaluate: truncate at the stop token, score with the reward model, one forward pass per model for the
-   log-probabilities (policy, reference) and values;
+2. evaluate: truncate at the stop token, score with the reward model, one forward pass of the reference and of
+   the value model (the policy's log-probabilities come from the sampling pass);
 3. rewards: a KL penalty on every token, the score on the last one;
 4. advantages: GAE, whitened over the batch;
 5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
@@ -90,10 +90,10 @@ class Sizes:
 def stop_token_id(tokenizer: Any, stop_token: str | None) -> int:
     if stop_token is None:
         return tokenizer.eos_token_id
-    ids = tokenizer.convert_tokens_to_ids([stop_token])
-    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+    vocabulary = tokenizer.get_vocab()
+    if stop_token not in vocabulary:
         raise ConfigError(f"spec.ppo.stopToken {stop_token!r} is not a single token of the policy's vocabulary")
-    return ids[0]
+    return vocabulary[stop_token]
 
 
 class PPOTrainer:
@@ -164,18 +164,19 @@ class PPOTrainer:
         prompts = [self.prompt_of(e) for e in episodes]
 
         # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3).
+        #    The sampling pass also gives each token's log-probability under the policy: no extra forward pass.
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         with self.policy.gathered(), autocast(self.device, self.bf16):
-            responses = sample_responses(
+            responses, logprobs = sample_responses(
                 self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
                 pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device))
-        responses = responses.clone()  # an ordinary tensor again (inference-mode tensors cannot enter autograd)
+        responses, logprobs = responses.clone(), logprobs.clone()  # inference-mode tensors cannot enter autograd
         generated = time.perf_counter()
         self.raise_if_stopped()
 
-        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, log-probs and values.
-        rollout, texts = self.evaluate(episodes, prompts, queries, query_mask, responses)
+        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs, values.
+        rollout, texts, values_graph = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
         gold = self.judge.score(prompts, texts) if self.judge is not None else None
         scored = time.perf_counter()
         self.raise_if_stopped()
@@ -193,7 +194,7 @@ class PPOTrainer:
         experience = Experience(**_fields(rollout), rewards=rewards, advantages=advantages, returns=returns)
 
         # 5. PPO epochs over shuffled mini-batches.
-        update_stats = self.update(experience)
+        update_stats = self.update(experience, values_graph)
         updated = time.perf_counter()
 
         # 6. Adapt beta to this step's KL (nats per response), log, check the guardrails.
@@ -230,40 +231,55 @@ class PPOTrainer:
         self.log.write(metrics)
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, episodes: Sequence[int], prompts: Sequence[str], queries: torch.Tensor,
-                 query_mask: torch.Tensor, responses: torch.Tensor) -> tuple[Rollout, list[str]]:
-        """Step 2: score the responses and run each model once over them (in micro-batches)."""
+                 query_mask: torch.Tensor, responses: torch.Tensor,
+                 logprobs: torch.Tensor) -> tuple[Rollout, list[str], torch.Tensor | None]:
+        """Step 2: score the responses; run the reference and the value model once over them (in micro-batches).
+
+        Detail: when the whole batch is one micro-batch, the value model's forward pass here is also the first
+        update's (same weights, same rows), so it keeps its autograd graph and is returned for
+        :meth:`update`; otherwise the third value is None.
+        """
         s = self.s
         responses, lengths, has_stop = truncate_at_stop(responses, self.stop_id, self.pad_id)
         mask = response_mask(lengths, responses.shape[1])
         texts = [self.models.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
                  for row, n in zip(responses.tolist(), lengths.tolist())]
 
-        # The reward model reads text in the format it was trained on (chat template over user + assistant).
-        with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
-            rm_scores = torch.tensor(reward_scoring.score(
-                reward_model, self.models.reward_tokenizer, prompts, texts, chat=self.reward_chat,
-                batch_size=self.sizes.micro_batch), device=self.device)
-        scores = apply_missing_eos_penalty(rm_scores, has_stop, s.missing_eos_penalty)
+        with torch.no_grad():
+            # The reward model reads text in the format it was trained on (chat template over user + assistant).
+            with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
+                rm_scores = torch.tensor(reward_scoring.score(
+                    reward_model, self.models.reward_tokenizer, prompts, texts, chat=self.reward_chat,
+                    batch_size=self.sizes.micro_batch), device=self.device)
+            scores = apply_missing_eos_penalty(rm_scores, has_stop, s.missing_eos_penalty)
+            rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
+                              query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
+                              has_stop=has_stop, logprobs=logprobs * mask, ref_logprobs=torch.zeros_like(logprobs),
+                              values=torch.zeros_like(logprobs), rm_scores=rm_scores, scores=scores)
+            micro_batches = [(rows, rollout.select(rows)) for rows in
+                             torch.arange(len(episodes), device=self.device).split(self.sizes.micro_batch)]
+            with self.models.reference_of(self.policy.model) as reference, autocast(self.device, self.bf16):
+                for rows, micro in micro_batches:
+                    ref_logprobs = response_logprobs(reference, micro, self.temperature)[0]
+                    rollout.ref_logprobs[rows, :ref_logprobs.shape[1]] = ref_logprobs
 
-        zeros = torch.zeros(responses.shape, device=self.device)
-        rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
-                          query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
-                          has_stop=has_stop, logprobs=zeros, ref_logprobs=zeros.clone(), values=zeros.clone(),
-                          rm_scores=rm_scores, scores=scores)
-        for rows in torch.arange(len(episodes), device=self.device).split(self.sizes.micro_batch):
-            micro = rollout.select(rows)
-            width = micro.responses.shape[1]
+        if len(micro_batches) == 1:
             with autocast(self.device, self.bf16):
-                rollout.logprobs[rows, :width] = response_logprobs(self.policy.model, micro, self.temperature)[0]
-                with self.models.reference_of(self.policy.model) as reference:
-                    rollout.ref_logprobs[rows, :width] = response_logprobs(reference, micro, self.temperature)[0]
-                rollout.values[rows, :width] = response_values(self.value.model, micro)
-        return rollout, texts
+                values_graph = response_values(self.value.model, rollout)
+            return dataclasses.replace(rollout, values=values_graph.detach()), texts, values_graph
+        with torch.no_grad(), autocast(self.device, self.bf16):
+            for rows, micro in micro_batches:
+                values = response_values(self.value.model, micro)
+                rollout.values[rows, :values.shape[1]] = values
+        return rollout, texts, None
 
-    def update(self, experience: Experience) -> dict[str, float]:
-        """Step 5: ``numPpoEpochs`` passes over the batch in shuffled mini-batches, one optimizer step each."""
+    def update(self, experience: Experience, values_graph: torch.Tensor | None = None) -> dict[str, float]:
+        """Step 5: ``numPpoEpochs`` passes over the batch in shuffled mini-batches, one optimizer step each.
+
+        ``values_graph``: the value model's output from step 2 with its graph (one micro-batch per batch); it
+        stands in for the first pass's value forward.
+        """
         s, sizes = self.s, self.sizes
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         grad_norms: dict[str, list[float]] = defaultdict(list)
@@ -275,18 +291,22 @@ class PPOTrainer:
                 tokens = self.world.all_sum(mini.mask.sum().float()).clamp(min=1)
                 for micro_rows in torch.arange(len(mini_rows), device=self.device).split(sizes.micro_batch):
                     micro = mini.select(micro_rows)
+                    # The value loss first: at most one model's autograd graph is alive at a time.
+                    if values_graph is not None:
+                        values, values_graph = values_graph[mini_rows][:, :micro.responses.shape[1]], None
+                    else:
+                        with autocast(self.device, self.bf16):
+                            values = response_values(self.value.model, micro)
+                    vf_loss, vf_clipped = value_loss(values, micro.values, micro.returns, micro.mask,
+                                                     s.cliprange_value)
+                    self.value.backward(s.vf_coef * vf_loss.sum() / tokens)
+
                     with autocast(self.device, self.bf16):
                         logprobs, entropy = response_logprobs(self.policy.model, micro, self.temperature,
                                                               with_entropy=True)
                     pg_loss, pg_clipped, approx_kl = policy_loss(logprobs, micro.logprobs, micro.advantages,
                                                                  micro.mask, s.cliprange)
                     self.policy.backward(pg_loss.sum() / tokens)
-
-                    with autocast(self.device, self.bf16):
-                        values = response_values(self.value.model, micro)
-                    vf_loss, vf_clipped = value_loss(values, micro.values, micro.returns, micro.mask,
-                                                     s.cliprange_value)
-                    self.value.backward(s.vf_coef * vf_loss.sum() / tokens)
 
                     mask = micro.mask
                     sums["loss/policy"] += pg_loss.detach().sum()

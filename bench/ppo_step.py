@@ -1,0 +1,122 @@
+"""PPO step time and peak memory on the demo model, on this machine's CPU.
+
+SmolLM2-135M-Instruct is the policy and the reference; a sequence classifier on the same weights (score head
+initialised from a fixed seed) is the reward and the value model. 8 prompts of the movie-review demo (about 35
+tokens of text; more with the chat template, as the pipeline sends them), 32-token responses (the stop token is
+one the model does not produce, so every response has the full length), 1 PPO epoch, 1 mini-batch.
+
+Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
+float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
+step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, and the load average
+(other work on the machine slows every figure).
+
+    scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "full-fp32": {"lora": False, "bf16": False},
+    "lora-fp32": {"lora": True, "bf16": False},
+    "full-bf16": {"lora": False, "bf16": True},
+    "lora-bf16": {"lora": True, "bf16": True},
+}
+MODEL = "builtin://smollm2-135m-instruct"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def run_one(name: str, steps: int) -> dict:
+    """One configuration in this process: warm-up step, then ``steps`` timed steps."""
+    import torch
+
+    from rlhf_operator.spec import ModelSpec, PPOSpec
+    from rlhf_trainer.builtin_models import builtin_model_dir
+    from rlhf_trainer.data import builtin_dataset_path, read_rows
+    from rlhf_trainer.ppo import distributed
+    from rlhf_trainer.ppo.models import load_models
+    from rlhf_trainer.ppo.trainer import PPOTrainer
+
+    config = CONFIGS[name]
+    model_dir = builtin_model_dir(MODEL)
+    spec = ModelSpec(uri=MODEL)
+    settings = PPOSpec.model_validate({
+        "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
+        "batchSize": 8, "miniBatchSize": 8, "numPpoEpochs": 1, "totalEpisodes": 8 * (steps + 1),
+        "learningRate": 1e-6, "seed": 0, "bf16": config["bf16"],
+        "stopToken": "<|endoftext|>",  # never sampled by the chat model: every response is 32 tokens
+        "generation": {"maxNewTokens": 32, "temperature": 0.7},
+        "lora": {"enabled": config["lora"], "r": 16, "alpha": 32},
+    })
+    prompts = [r["prompt"] for r in read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-train"))]
+    torch.manual_seed(0)
+    world = distributed.init()
+    trainer = PPOTrainer(settings, load_models(model_dir, model_dir, spec, settings, world.device), prompts, world)
+    load_before = os.getloadavg()[0]
+    history = trainer.train()
+    timed = history[1:]
+    prompt_tokens = statistics.fmean(len(ids) for ids in trainer.models.tokenizer(
+        [trainer.models.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                      add_generation_prompt=True) for p in prompts[:64]],
+        add_special_tokens=False)["input_ids"])
+    return {
+        "config": name,
+        "seconds_per_step": statistics.fmean(m["time/step"] for m in timed),
+        "generate": statistics.fmean(m["time/generate"] for m in timed),
+        "score": statistics.fmean(m["time/score"] for m in timed),
+        "update": statistics.fmean(m["time/update"] for m in timed),
+        "response_tokens": statistics.fmean(m["response/length"] for m in timed),
+        "prompt_tokens": prompt_tokens,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "threads": torch.get_num_threads(),
+        "load_average": (load_before + os.getloadavg()[0]) / 2,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
+    parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_one(args.child, args.steps)), flush=True)
+        return 0
+
+    names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in names:
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps)], env=env,
+                              capture_output=True, text=True)
+        results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not results:
+            print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        r = json.loads(results[0])
+        print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
+              f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
+              f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads "
+              f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
+              f"{time.monotonic() - started:.0f} s wall]", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
