@@ -8,5 +8,6 @@ demo:  ## run the demo pipeline locally: SFT -> preferences -> reward model -> P
 test:  ## run the whole test suite
 	scripts/in-venv python -m pytest $(PYTEST_ARGS)
 
-crd:  ## regenerate crds/ from the pydantic spec
+crd:  ## regenerate crds/ (and the chart's copy) from the pydantic spec
 	scripts/in-venv sh -c 'rlhf crd > crds/rlhf-operator.io_rlhfpipelines.yaml'
+	cp crds/rlhf-operator.io_rlhfpipelines.yaml helm/rlhf-operator/crds/

@@ -24,6 +24,8 @@ def walk(node, path="$"):
 
 def test_committed_crd_is_up_to_date():
     assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `make crd` (rlhf crd > crds/...) and commit"
+    chart_copy = CRD_FILE.parents[1] / "helm" / "rlhf-operator" / "crds" / CRD_FILE.name
+    assert chart_copy.read_text() == crd_yaml(), "the chart's CRD is stale: run `make crd` and commit"
 
 
 def test_schema_is_structural_and_documented():

@@ -4,6 +4,7 @@
     rlhf run [PIPELINE.yaml] [--workdir DIR]
                                          run every stage locally (default: examples/demo.yaml)
     rlhf crd                             the CustomResourceDefinition generated from the spec
+    rlhf operator [OPTIONS]              run the operator (kopf): every RLHFPipeline's stages as Jobs
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def _crd(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:  # its own options (rlhf operator --help); needs the operator extra (kopf)
+        from rlhf_operator.controller.main import main as operator_main
+
+        return operator_main(argv[1:])
     parser = argparse.ArgumentParser(prog="rlhf", description="rlhf-operator command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("validate", help="check a pipeline file against the spec")
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_run)
     p = sub.add_parser("crd", help="print the RLHFPipeline CustomResourceDefinition")
     p.set_defaults(func=_crd)
+    sub.add_parser("operator", help="run the operator (see rlhf operator --help)")
     args = parser.parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)
     try:

@@ -4,12 +4,21 @@ process, pipelines)."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 
 import pytest
 
 from cluster.fixtures import *  # noqa: F401,F403  (k8s_cluster, k8s_api, k8s_namespace, pod_s3, ...)
-from operator_harness import CRD_FILE, OPERATOR_LOGS, wait_for_crd
+from cluster.fixtures import CURRENT
+from operator_harness import (
+    BUILD_HELM,
+    CRD_FILE,
+    OPERATOR_NAMESPACE,
+    install_chart,
+    wait_for_crd,
+    wait_operator_running,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +29,41 @@ def crd(k8s_cluster) -> Iterator[str]:
     yield "rlhfpipelines.rlhf-operator.io"
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report carries the tail of the operator's log (the cluster's logs are kept by the
-    cluster fixtures' own hooks when tests/cluster is collected too)."""
-    report = yield
-    if report.failed:
-        for path in OPERATOR_LOGS:
-            try:
-                tail = path.read_bytes()[-6000:].decode(errors="replace")
-            except OSError:
-                continue
-            report.sections.append((f"operator log {path.name} (tail)", tail))
-    return report
+@pytest.fixture(scope="session")
+def operator(k8s_cluster, k8s_api, crd) -> Iterator[list[dict]]:
+    """The chart rendered by ``helm template`` and applied: its CRD, ServiceAccount, least-privilege RBAC and
+    Deployment, whose pod runs ``rlhf operator`` (cluster-wide) with the chart's ServiceAccount token. One
+    operator for the whole session; yields the rendered objects."""
+    docs = install_chart(k8s_cluster, k8s_api, "resyncSeconds=10", "logFormat=text")
+    wait_operator_running(k8s_api)
+    yield docs
+
+
+class OperatorTestHooks:
+    """Hooks of this folder, registered as a plugin so that the cluster fixtures' hooks (imported above with the
+    same names) keep working: helm is built before the first test, and failed tests carry the operator's log."""
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if session.config.option.collectonly:
+            return
+        if any("operator" in getattr(item, "fixturenames", ()) for item in session.items):
+            subprocess.run([str(BUILD_HELM)], check=False, capture_output=True, timeout=1800)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report = yield
+        cluster = CURRENT.get("cluster")
+        if report.failed and cluster is not None and cluster.local and "operator" in getattr(item, "fixturenames",
+                                                                                              ()):
+            for path in cluster.pod_log_files(OPERATOR_NAMESPACE)[-2:]:
+                try:
+                    tail = path.read_bytes()[-8000:].decode(errors="replace")
+                except OSError:
+                    continue
+                report.sections.append((f"operator log {path.name} (tail)", tail))
+        return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.has_plugin("rlhf-operator-tests"):
+        config.pluginmanager.register(OperatorTestHooks(), "rlhf-operator-tests")

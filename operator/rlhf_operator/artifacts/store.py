@@ -324,7 +324,9 @@ class S3Store(Store):
     (multipart above ``MULTIPART_THRESHOLD``, ``TRANSFER_MAX_CONCURRENCY`` parts in parallel).
     """
 
-    def __init__(self, options: StorageOptions | None = None) -> None:
+    def __init__(self, options: StorageOptions | None = None, credentials: tuple[str, str] | None = None) -> None:
+        """``credentials`` (access key id, secret access key) override boto3's default chain; the operator
+        passes those of the pipeline's Secret, trainer pods get theirs as environment variables."""
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -334,8 +336,8 @@ class S3Store(Store):
             retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "adaptive"},
             s3={"addressing_style": self.options.addressing_style},
         )
-        # boto3.session.Session() resolves credentials through the default chain only.
-        session = boto3.session.Session()
+        # Without explicit credentials, boto3.session.Session() resolves them through the default chain only.
+        session = boto3.session.Session(*credentials) if credentials else boto3.session.Session()
         self._client = session.client(
             "s3",
             endpoint_url=self.options.endpoint,
@@ -543,15 +545,16 @@ class S3Store(Store):
         return len(keys)
 
 
-def open_store(uri: str, options: StorageOptions | None = None) -> Store:
-    """The store for ``uri``'s scheme: ``FileStore`` for ``file://``, ``S3Store`` for ``s3://``."""
+def open_store(uri: str, options: StorageOptions | None = None, credentials: tuple[str, str] | None = None) -> Store:
+    """The store for ``uri``'s scheme: ``FileStore`` for ``file://``, ``S3Store`` for ``s3://`` (with
+    ``credentials``, when given, instead of boto3's default chain)."""
     scheme, sep, _ = uri.partition("://")
     if sep and scheme == "file":
         FileStore.path_of(uri)  # rejects relative paths with a clear message
         return FileStore()
     if sep and scheme == "s3":
         split_s3_uri(uri)
-        return S3Store(options)
+        return S3Store(options, credentials)
     raise StoreError(
         f"{uri!r}: unsupported storage URI; artifacts can be stored under s3://BUCKET/PREFIX "
         "(AWS S3 or an S3-compatible server such as MinIO) or file:///ABSOLUTE/PATH"

@@ -1,0 +1,223 @@
+"""The pipeline's status from a plan and what was observed: phase, per-stage entries, the printer-column fields
+(currentStage, reward, kl) and the standard conditions, plus the Events that the change from the previous
+status calls for. Pure: time comes in as an argument.
+
+Conditions (``rlhf_operator.status.ConditionType``), each kept with its ``lastTransitionTime`` while its status
+does not change, and stamped with the generation it was computed from:
+
+* Ready: True once every stage is done;
+* Progressing: True while a stage runs or is about to start;
+* Degraded: True when a stage failed for good (the spec must change for it to run again);
+* Stalled: True when the running stage published no new step for ``stall_after_s`` seconds;
+* RewardHackingSuspected: True when PPO's ``guardrail/reward_hacking_suspected`` flag is set (other fired
+  guardrails are named in the message).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_operator.controller.observe import JobState
+from rlhf_operator.plan import PipelinePhase, Plan, StagePhase
+from rlhf_operator.spec import STAGE_ORDER, Stage
+from rlhf_operator.status import Condition, ConditionType, PipelineStatus, Reason, StageProgress, StageStatus
+
+MAX_STAGE_METRICS = 24
+GUARDRAIL_PREFIX = "guardrail/"
+REWARD_HACKING = "guardrail/reward_hacking_suspected"
+#: where the printer columns' reward and KL come from, first found wins
+REWARD_KEYS = ((Stage.PPO, "rm_score"), (Stage.EVALUATE, "policy/rm_mean"))
+KL_KEYS = ((Stage.PPO, "kl"), (Stage.EVALUATE, "policy/kl_per_token"))
+
+
+@dataclass(frozen=True)
+class StageFacts:
+    """Everything observed about one stage that the status shows."""
+
+    stage: Stage
+    job: JobState | None = None
+    job_name: str | None = None  # the Job the stage runs as now (created or about to be)
+    artifact_uri: str | None = None
+    config_digest: str | None = None
+    manifest_digest: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None  # live progress of a running stage
+    started: bool = False  # the reconciler just created or resumed its Job
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers among a stage's metrics (booleans and text left out), at most MAX_STAGE_METRICS of them."""
+    out = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return dict(sorted(out.items())[:MAX_STAGE_METRICS])
+
+
+def _stage_status(facts: StageFacts, phase: StagePhase, previous: StageStatus | None, now: str) -> StageStatus:
+    same_job = previous is not None and previous.job_name == facts.job_name
+    job = facts.job
+    if facts.started and phase is StagePhase.PENDING:
+        phase = StagePhase.RUNNING  # its Job exists now
+    start = (job.start_time if job else None) or (previous.start_time if same_job and previous else None)
+    if facts.started and not start:
+        start = now
+    finished = phase in (StagePhase.SUCCEEDED, StagePhase.FAILED)
+    completion = None
+    if finished:
+        completion = (job.completion_time if job else None) or (
+            previous.completion_time if same_job and previous else None) or now
+    progress = None
+    if phase is StagePhase.RUNNING and facts.step is not None:
+        kept = previous.progress if same_job and previous and previous.progress else None
+        updated = kept.updated if kept and kept.step == facts.step else now
+        progress = StageProgress(step=facts.step, updated=updated)
+    elif phase is StagePhase.RUNNING:
+        kept = previous.progress if same_job and previous and previous.progress else None
+        progress = kept or StageProgress(updated=start or now)
+    attempts = job.attempts if job else (previous.attempts if same_job and previous else 0)
+    if facts.started:
+        attempts = max(attempts, 1)
+    return StageStatus(
+        name=facts.stage, phase=phase, job_name=facts.job_name, attempts=attempts, start_time=start,
+        completion_time=completion, artifact_uri=facts.artifact_uri, manifest_digest=facts.manifest_digest,
+        config_digest=facts.config_digest, metrics=numeric_metrics(facts.metrics), progress=progress,
+        message=facts.message,
+    )
+
+
+def _headline(stages: dict[Stage, StageStatus], keys: tuple[tuple[Stage, str], ...]) -> float | None:
+    for stage, key in keys:
+        entry = stages.get(stage)
+        if entry is not None and key in entry.metrics:
+            return round(entry.metrics[key], 4)
+    return None
+
+
+def _condition(kind: str, true: bool, reason: str, message: str, previous: dict[str, Condition],
+               generation: int | None, now: str) -> Condition:
+    status = "True" if true else "False"
+    old = previous.get(kind)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    return Condition(type=kind, status=status, reason=reason, message=message, last_transition_time=since,
+                     observed_generation=generation)
+
+
+def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: PipelineStatus, *,
+                 generation: int | None, now: dt.datetime, stall_after_s: float | None = None) -> PipelineStatus:
+    """The new status. ``previous`` keeps transition times, start times and progress timestamps stable."""
+    stamp = rfc3339(now)
+    before = {Stage(s.name): s for s in previous.stages}
+    stages = {}
+    for stage in STAGE_ORDER:
+        phase = decision.stages.get(stage, StagePhase.SKIPPED)
+        stages[stage] = _stage_status(facts.get(stage, StageFacts(stage)), phase, before.get(stage), stamp)
+
+    phase = decision.phase
+    current = decision.current
+    if current is not None and stages[current].phase == StagePhase.RUNNING and phase is PipelinePhase.RUNNING:
+        message = f"stage {current.value} is running"
+        if stages[current].attempts > 1:
+            message += f" (attempt {stages[current].attempts})"
+    else:
+        message = decision.message
+
+    conditions_before = {c.type: c for c in previous.conditions}
+    reason = decision.reason or phase.value
+    running = phase is PipelinePhase.RUNNING
+    conditions = [
+        _condition(ConditionType.READY, phase is PipelinePhase.SUCCEEDED, reason, message, conditions_before,
+                   generation, stamp),
+        _condition(ConditionType.PROGRESSING, running, reason, message, conditions_before, generation, stamp),
+        _condition(ConditionType.DEGRADED, phase is PipelinePhase.FAILED,
+                   Reason.STAGE_FAILED if phase is PipelinePhase.FAILED else Reason.AS_EXPECTED,
+                   message if phase is PipelinePhase.FAILED else "no stage failed", conditions_before,
+                   generation, stamp),
+    ]
+
+    stalled_message = ""
+    if running and current is not None and stall_after_s:
+        progress = stages[current].progress
+        last = parse_time(progress.updated if progress else None)
+        if last is not None and (now - last).total_seconds() > stall_after_s:
+            stalled_message = (f"stage {current.value} published no new step since {progress.updated} "
+                               f"(more than {int(stall_after_s)} s)")
+    conditions.append(_condition(ConditionType.STALLED, bool(stalled_message),
+                                 Reason.NO_PROGRESS if stalled_message else Reason.AS_EXPECTED,
+                                 stalled_message or "the pipeline is not stalled", conditions_before, generation,
+                                 stamp))
+
+    ppo_metrics = stages[Stage.PPO].metrics
+    fired = sorted(k.removeprefix(GUARDRAIL_PREFIX) for k, v in ppo_metrics.items()
+                   if k.startswith(GUARDRAIL_PREFIX) and v)
+    hacking = bool(ppo_metrics.get(REWARD_HACKING))
+    conditions.append(_condition(
+        ConditionType.REWARD_HACKING_SUSPECTED, hacking,
+        Reason.GUARDRAIL_FIRED if fired else Reason.NO_GUARDRAIL,
+        f"PPO guardrails fired: {', '.join(fired)}" if fired else "no PPO guardrail fired",
+        conditions_before, generation, stamp))
+
+    return PipelineStatus(
+        phase=phase,
+        current_stage=current.value if current is not None else None,
+        reward=_headline(stages, REWARD_KEYS),
+        kl=_headline(stages, KL_KEYS),
+        message=message,
+        observed_generation=generation,
+        stages=list(stages.values()),
+        conditions=conditions,
+    )
+
+
+def transitions(previous: PipelineStatus, new: PipelineStatus) -> list[EventSpec]:
+    """The Events a status change calls for: each stage that started, retried, succeeded or failed, and the
+    pipeline's own phase changes. Comparing with the stored status makes them exactly-once across restarts."""
+    events: list[EventSpec] = []
+    before = {Stage(s.name): s for s in previous.stages}
+    for entry in new.stages:
+        old = before.get(Stage(entry.name))
+        name = Stage(entry.name).value
+        old_phase = StagePhase(old.phase) if old else None
+        phase = StagePhase(entry.phase)
+        new_job = old is None or old.job_name != entry.job_name
+        if phase is StagePhase.RUNNING and (old_phase is not StagePhase.RUNNING or new_job):
+            events.append(EventSpec("Normal", Reason.STAGE_STARTING,
+                                    f"stage {name}: started Job {entry.job_name}"))
+        elif phase is StagePhase.RUNNING and old is not None and entry.attempts > old.attempts:
+            events.append(EventSpec("Warning", Reason.STAGE_RETRYING,
+                                    f"stage {name}: Job {entry.job_name} started attempt {entry.attempts}"))
+        if phase is StagePhase.SUCCEEDED and old_phase is not StagePhase.SUCCEEDED:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in list(entry.metrics.items())[:4])
+            events.append(EventSpec("Normal", Reason.STAGE_SUCCEEDED,
+                                    f"stage {name} succeeded: {entry.artifact_uri}" + (f" ({shown})" if shown else "")))
+        if phase is StagePhase.FAILED and old_phase is not StagePhase.FAILED:
+            events.append(EventSpec("Warning", Reason.STAGE_FAILED, f"stage {name} failed: {entry.message}"))
+    old_phase = PipelinePhase(previous.phase)
+    phase = PipelinePhase(new.phase)
+    if phase != old_phase or not previous.stages:
+        if phase is PipelinePhase.SUCCEEDED:
+            events.append(EventSpec("Normal", Reason.SUCCEEDED, "every stage is done"))
+        elif phase is PipelinePhase.SUSPENDED:
+            events.append(EventSpec("Normal", Reason.SUSPENDED, new.message))
+        elif phase is PipelinePhase.RUNNING and old_phase is PipelinePhase.SUSPENDED:
+            events.append(EventSpec("Normal", "Resumed", "spec.suspend was cleared: the pipeline runs again"))
+        elif phase is PipelinePhase.FAILED:
+            events.append(EventSpec("Warning", Reason.STAGE_FAILED, new.message))
+    return events
