@@ -391,6 +391,11 @@ class TrainingArgs(SpecModel):
     gradient_checkpointing: bool = Field(
         False, description="gradientCheckpointing, optional: trade compute for activation memory."
     )
+    bf16: bool | None = Field(
+        None,
+        description="bf16, optional: bfloat16 mixed precision (autocast; weights and optimizer stay float32). "
+        "Unset means on for a CUDA GPU that supports it; true also works on CPUs with AMX or AVX512-BF16.",
+    )
     seed: int = Field(42, description="seed, optional: random seed.")
     logging_steps: int = Field(5, ge=1, description="loggingSteps, optional: log metrics every N steps.")
     save_steps: int = Field(
@@ -463,7 +468,9 @@ class RewardSpec(StageCommon, TrainingArgs):
         "the preferences stage's output.",
     )
     eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, description="evalFraction, optional: pairs held out to measure pair accuracy."
+        0.1, ge=0.0, lt=1.0,
+        description="evalFraction, optional: fraction of the prompts held out, with all their pairs, to measure "
+        "pair accuracy.",
     )
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="centerRewardsCoefficient, optional: push mean reward toward zero (TRL)."

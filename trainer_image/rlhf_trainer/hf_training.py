@@ -49,7 +49,7 @@ def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
-        bf16=_cuda_bf16(),
+        bf16=_cuda_bf16() if settings.bf16 is None else settings.bf16,
     )
 
 

@@ -36,10 +36,11 @@ def fits(tokenizer: Any, row: dict[str, Any], max_length: int, chat: bool) -> bo
 
 
 def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
-    shuffled = rows[:]
-    random.Random(seed).shuffle(shuffled)
-    held = int(round(len(shuffled) * fraction))
-    return shuffled[held:], shuffled[:held]
+    """Hold out ``fraction`` of the prompts with all their pairs, so no held-out prompt was trained on."""
+    prompts = sorted({r["prompt"] for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: int(round(len(prompts) * fraction))])
+    return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
 
 
 def run(ws: Workspace) -> dict[str, Any]:
