@@ -4,6 +4,8 @@ SmolLM2-135M-Instruct is the policy and the reference; a sequence classifier on 
 initialised from a fixed seed) is the reward and the value model. 8 prompts of the movie-review demo (about 35
 tokens of text; more with the chat template, as the pipeline sends them), 32-token responses (the stop token is
 one the model does not produce, so every response has the full length), 1 PPO epoch, 1 mini-batch.
+Prompts are the plain prompt text (about 35 tokens); ``--chat-template`` wraps them in SmolLM2's chat template
+as the demo pipeline does (about 64 tokens: the template adds a default system prompt).
 
 Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
@@ -42,7 +44,7 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def run_one(name: str, steps: int) -> dict:
+def run_one(name: str, steps: int, chat_template: bool) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
 
@@ -51,6 +53,7 @@ def run_one(name: str, steps: int) -> dict:
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
+    from rlhf_trainer.ppo.rollout import encode_prompts
     from rlhf_trainer.ppo.trainer import PPOTrainer
 
     config = CONFIGS[name]
@@ -67,14 +70,13 @@ def run_one(name: str, steps: int) -> dict:
     prompts = [r["prompt"] for r in read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-train"))]
     torch.manual_seed(0)
     world = distributed.init()
-    trainer = PPOTrainer(settings, load_models(model_dir, model_dir, spec, settings, world.device), prompts, world)
+    trainer = PPOTrainer(settings, load_models(model_dir, model_dir, spec, settings, world.device), prompts, world,
+                         use_chat_template=chat_template)
     load_before = os.getloadavg()[0]
     history = trainer.train()
     timed = history[1:]
-    prompt_tokens = statistics.fmean(len(ids) for ids in trainer.models.tokenizer(
-        [trainer.models.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                      add_generation_prompt=True) for p in prompts[:64]],
-        add_special_tokens=False)["input_ids"])
+    prompt_tokens = statistics.fmean(len(ids) for ids in encode_prompts(trainer.models.tokenizer, prompts,
+                                                                         chat_template))
     return {
         "config": name,
         "seconds_per_step": statistics.fmean(m["time/step"] for m in timed),
@@ -93,17 +95,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
+    parser.add_argument("--chat-template", action="store_true", help="prompts in the chat template (demo format)")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template)), flush=True)
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in names:
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps)], env=env,
+        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+        proc = subprocess.run(command + (["--chat-template"] if args.chat_template else []), env=env,
                               capture_output=True, text=True)
         results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not results:
