@@ -591,7 +591,7 @@ class PPOSpec(StageCommon):
     lora: LoraSpec = Field(
         default_factory=LoraSpec,
         description="lora, optional: LoRA (peft) settings. The reference is then the policy with its adapter "
-        "disabled: no second copy of pi_SFT in memory.",
+        "disabled: no second copy of pi_SFT in memory. PPO disables dropout, lora.dropout included.",
     )
     value_lora: bool = Field(
         True,
