@@ -69,7 +69,12 @@ class StageStatus(StatusModel):
     name: Stage = Field(description="name: the stage (sft, preferences, reward, ppo, evaluate).")
     phase: StagePhase = Field(description="phase: Pending, Running, Succeeded, Failed, Skipped or Provided.")
     job_name: str | None = Field(None, description="jobName: the stage's Job (operator) or process (local).")
-    attempts: int = Field(0, description="attempts: how many times the stage was started.")
+    attempts: int = Field(
+        0, description="attempts: pods the stage's Job started (preempted or deleted ones included)."
+    )
+    pod_name: str | None = Field(
+        None, description="podName: the stage's latest pod (index 0 of a multi-node stage), for kubectl logs."
+    )
     start_time: str | None = Field(None, description="startTime: when the current attempt started.")
     completion_time: str | None = Field(None, description="completionTime: when the stage finished.")
     artifact_uri: str | None = Field(None, description="artifactUri: where the stage's output is stored.")

@@ -182,15 +182,15 @@ def tiny_spec(model_dir: Path, s3, **stages: Any) -> dict[str, Any]:
     given as keyword arguments replace the defaults (None disables a stage)."""
     train = {"maxSteps": 3, "perDeviceTrainBatchSize": 4, "learningRate": 1e-3, "maxLength": 96,
              "saveSteps": 1, "loggingSteps": 1}
-    gen = {"maxNewTokens": 12, "temperature": 1.0}
+    gen = {"maxNewTokens": 24, "temperature": 1.0}
     spec: dict[str, Any] = {
         "model": {"uri": model_dir.as_uri()},
         "storage": {"uri": f"{s3.uri}/runs", "endpoint": s3.endpoint, "region": s3.region,
                     "addressingStyle": "path", "credentialsSecret": {"name": s3.secret_name}},
         "sft": {"dataset": {"uri": "builtin://movie-reviews/sft", "limit": 16}, **train},
-        "preferences": {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 8},
-                        "numSamplesPerPrompt": 2, "minScoreMargin": 0.0, "generation": gen},
-        "reward": {"evalFraction": 0.25, **train, "maxLength": 128},
+        "preferences": {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 16},
+                        "numSamplesPerPrompt": 4, "minScoreMargin": 0.0, "generation": gen},
+        "reward": {"evalFraction": 0.25, **train, "maxLength": 160},
         "ppo": {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 8}, "batchSize": 4,
                 "miniBatchSize": 2, "totalEpisodes": 8, "numPpoEpochs": 1, "learningRate": 1e-3,
                 "generation": {"maxNewTokens": 8, "temperature": 1.0}, "judge": {"type": "vader"}},

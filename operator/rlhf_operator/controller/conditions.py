@@ -92,11 +92,18 @@ def _stage_status(facts: StageFacts, phase: StagePhase, previous: StageStatus | 
     elif phase is StagePhase.RUNNING:
         kept = previous.progress if same_job and previous and previous.progress else None
         progress = kept or StageProgress(updated=start or now)
-    attempts = job.attempts if job else (previous.attempts if same_job and previous else 0)
-    if facts.started:
-        attempts = max(attempts, 1)
+    # Attempts are counted in the status itself: pods that were deleted (suspension, eviction, a user) vanish
+    # from the API, so each new pod seen for the same Job adds one.
+    before_attempts = previous.attempts if same_job and previous else 0
+    before_pod = previous.pod_name if same_job and previous else None
+    pod = (job.pod_name if job else None) or before_pod
+    if pod and before_pod and pod != before_pod:
+        attempts = before_attempts + 1
+    else:
+        attempts = max(before_attempts, 1) if pod else before_attempts
+    attempts = max(attempts, job.attempts if job else 0, 1 if facts.started else 0)
     return StageStatus(
-        name=facts.stage, phase=phase, job_name=facts.job_name, attempts=attempts, start_time=start,
+        name=facts.stage, phase=phase, job_name=facts.job_name, attempts=attempts, pod_name=pod, start_time=start,
         completion_time=completion, artifact_uri=facts.artifact_uri, manifest_digest=facts.manifest_digest,
         config_digest=facts.config_digest, metrics=numeric_metrics(facts.metrics), progress=progress,
         message=facts.message,
@@ -132,6 +139,8 @@ def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: Pipel
 
     phase = decision.phase
     current = decision.current
+    if current is None and phase is PipelinePhase.SUCCEEDED:  # the Stage column shows where the run ended
+        current = next((s for s in reversed(STAGE_ORDER) if stages[s].phase == StagePhase.SUCCEEDED), None)
     if current is not None and stages[current].phase == StagePhase.RUNNING and phase is PipelinePhase.RUNNING:
         message = f"stage {current.value} is running"
         if stages[current].attempts > 1:

@@ -38,7 +38,8 @@ class JobState:
 
     name: str
     phase: JobPhase
-    attempts: int  # pods started for the stage (index 0 for multi-node stages); at least 1 once it ran
+    attempts: int  # failures the Job counted, plus the pod running or succeeded (the status counts all pods)
+    pod_name: str | None = None  # the newest pod (of index 0 for multi-node stages), when pods were listed
     start_time: str | None = None
     completion_time: str | None = None
     reason: str = ""  # of the terminal condition, e.g. BackoffLimitExceeded, PodFailurePolicy, DeadlineExceeded
@@ -89,11 +90,11 @@ def job_state(job: dict[str, Any], pods: list[dict[str, Any]] | None = None) -> 
     """The state of one stage Job; ``pods`` (its pods, when listed) give the attempt count and error text."""
     meta, status = job["metadata"], job.get("status") or {}
     annotations = meta.get("annotations") or {}
-    attempts = len(_first_pods(pods)) if pods else 0
-    if not attempts:
-        attempts = int(status.get("failed") or 0) + (1 if status.get("active") or status.get("succeeded") else 0)
+    attempts = int(status.get("failed") or 0) + (1 if status.get("active") or status.get("succeeded") else 0)
+    first = sorted(_first_pods(pods or []), key=lambda p: p["metadata"].get("creationTimestamp") or "")
     common = dict(name=meta["name"], attempts=attempts, start_time=status.get("startTime"),
-                  config_digest=annotations.get(names.ANNOTATION_CONFIG_DIGEST))
+                  config_digest=annotations.get(names.ANNOTATION_CONFIG_DIGEST),
+                  pod_name=first[-1]["metadata"]["name"] if first else None)
     if done := _condition(job, "Complete"):
         return JobState(phase=JobPhase.COMPLETE, completion_time=status.get("completionTime") or
                         done.get("lastTransitionTime"), reason=done.get("reason") or "Completed", **common)
