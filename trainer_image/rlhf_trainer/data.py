@@ -71,6 +71,14 @@ def load_dataset_rows(ref: DatasetRef, ws: Workspace) -> list[dict[str, Any]]:
     return rows[: ref.limit] if ref.limit else rows
 
 
+def load_prompts(ref: DatasetRef | None, ws: Workspace) -> list[str]:
+    """The 'prompt' field of every row of a prompt set."""
+    assert ref is not None  # the spec requires prompts whenever the stage runs
+    rows = load_dataset_rows(ref, ws)
+    require_fields(rows, ("prompt",), ref.uri)
+    return [r["prompt"] for r in rows]
+
+
 def require_fields(rows: Sequence[dict[str, Any]], fields: Iterable[str], source: str) -> None:
     fields = list(fields)
     for index, row in enumerate(rows):

@@ -20,7 +20,7 @@ import torch
 
 from rlhf_operator.spec import EvaluateSpec
 from rlhf_trainer import models, reward_scoring
-from rlhf_trainer.data import load_dataset_rows, require_fields, write_jsonl
+from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.generation import Sample, response_logprobs, sample
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.plots import evaluation_figure, read_log
@@ -53,10 +53,7 @@ def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None)
 
 def run(ws: Workspace) -> dict[str, Any]:
     settings: EvaluateSpec = ws.config.stage_settings()  # type: ignore[assignment]
-    assert settings.prompts is not None
-    rows = load_dataset_rows(settings.prompts, ws)
-    require_fields(rows, ("prompt",), settings.prompts.uri)
-    prompts = [r["prompt"] for r in rows]
+    prompts = load_prompts(settings.prompts, ws)
     dev = models.device()
     spec = ws.config.model
     judge = make_judge(settings.judge.type)

@@ -17,7 +17,7 @@ from typing import Any
 
 from rlhf_operator.spec import PreferencesSpec
 from rlhf_trainer import models
-from rlhf_trainer.data import load_dataset_rows, require_fields, write_jsonl
+from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import sample
 from rlhf_trainer.judges import make_judge
@@ -51,10 +51,7 @@ def make_pairs(
 
 def run(ws: Workspace) -> dict[str, Any]:
     settings: PreferencesSpec = ws.config.stage_settings()  # type: ignore[assignment]
-    assert settings.prompts is not None
-    rows = load_dataset_rows(settings.prompts, ws)
-    require_fields(rows, ("prompt",), settings.prompts.uri)
-    prompts = [r["prompt"] for r in rows]
+    prompts = load_prompts(settings.prompts, ws)
 
     policy_dir = ws.fetch_dir("policy")
     tokenizer = models.load_tokenizer(policy_dir, ws.config.model)
