@@ -44,7 +44,7 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def run_one(name: str, steps: int, chat_template: bool) -> dict:
+def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
 
@@ -62,6 +62,7 @@ def run_one(name: str, steps: int, chat_template: bool) -> dict:
     settings = PPOSpec.model_validate({
         "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
         "batchSize": 8, "miniBatchSize": 8, "numPpoEpochs": 1, "totalEpisodes": 8 * (steps + 1),
+        "gradientAccumulationSteps": accumulation,
         "learningRate": 1e-6, "seed": 0, "bf16": config["bf16"],
         "stopToken": "<|endoftext|>",  # never sampled by the chat model: every response is 32 tokens
         "generation": {"maxNewTokens": 32, "temperature": 0.7},
@@ -96,17 +97,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), help="configurations to run")
     parser.add_argument("--chat-template", action="store_true", help="prompts in the chat template (demo format)")
+    parser.add_argument("--accumulation", type=int, default=1, choices=(1, 2, 4, 8),
+                        help="micro-batches per mini-batch (same gradient, less activation memory)")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template, args.accumulation)), flush=True)
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in names:
         started = time.monotonic()
-        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
+                   "--accumulation", str(args.accumulation)]
         proc = subprocess.run(command + (["--chat-template"] if args.chat_template else []), env=env,
                               capture_output=True, text=True)
         results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -118,6 +122,7 @@ def main() -> int:
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
+              f"{8 // args.accumulation} rollouts per forward, "
               f"{time.monotonic() - started:.0f} s wall]", flush=True)
     return 0
 
