@@ -199,3 +199,19 @@ def tiny_spec(model_dir: Path, s3, **stages: Any) -> dict[str, Any]:
     for stage, value in stages.items():
         spec[stage] = {"enabled": False} if value is None else value
     return spec
+
+
+EXAMPLE = REPO / "examples" / "kind-pipeline.yaml"
+
+
+def example_spec(model_dir: Path, s3) -> dict[str, Any]:
+    """examples/kind-pipeline.yaml's spec with only what differs here replaced: the model's folder (the image
+    bakes it in at /opt/rlhf/models) and the store (the test's bucket on the session's MinIO)."""
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = doc["spec"]
+    spec["model"]["uri"] = model_dir.as_uri()
+    spec["storage"].update(uri=f"{s3.uri}/runs", endpoint=s3.endpoint, region=s3.region,
+                           credentialsSecret={"name": s3.secret_name})
+    return spec

@@ -19,6 +19,7 @@ from operator_harness import (
     PLURAL,
     VERSION,
     eventually,
+    example_spec,
     get_pipeline,
     kubectl_apply,
     operator_metrics,
@@ -54,10 +55,10 @@ def pod_log(cluster, namespace: str, pod: str) -> str:
                    if path.name.startswith(f"{namespace}_{pod}_"))
 
 
-def test_pipeline_succeeds_across_an_operator_restart_with_a_two_node_ppo_stage(
+def test_example_pipeline_succeeds_across_an_operator_restart_with_a_two_node_ppo_stage(
         k8s_cluster, k8s_api, operator, k8s_namespace, pod_s3, tiny_model_dir):
-    spec = tiny_spec(tiny_model_dir, pod_s3)
-    spec["ppo"]["distributed"] = {"nodes": 2}
+    spec = example_spec(tiny_model_dir, pod_s3)  # examples/kind-pipeline.yaml: PPO on 2 pods
+    assert spec["ppo"]["distributed"] == {"nodes": 2}
     kubectl_apply(k8s_cluster, pipeline_doc("tiny", spec), k8s_namespace)
 
     # Kill the operator (no grace) while the pipeline is in its second stage; the Deployment starts another.
