@@ -26,6 +26,7 @@ from rlhf_trainer.ppo.functional import (
 )
 from rlhf_trainer.ppo.guardrails import Guardrails
 from rlhf_trainer.ppo.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from rlhf_trainer.ppo.rollout import sample_tokens
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])  # picks 1, 2, 4
@@ -188,3 +189,12 @@ def test_select_trims_padding_columns():
     assert ids.tolist() == [[0, 3, 7, 8], [4, 5, 9, 0]]
     assert attention.tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
     assert positions.tolist() == [[0, 0, 1, 2], [0, 1, 2, 2]]
+
+
+def test_sampling_follows_the_distribution_and_never_picks_impossible_tokens():
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    logits = probs.log().expand(4000, 4)  # log 0 = -inf: impossible
+    generators = [torch.Generator().manual_seed(i) for i in range(4000)]
+    counts = torch.bincount(sample_tokens(logits, generators), minlength=4).float() / 4000
+    assert counts[1] == 0
+    torch.testing.assert_close(counts, probs, atol=0.03, rtol=0)

@@ -60,6 +60,22 @@ def _warpers(gen: GenerationSpec) -> list[Any]:
     return warpers
 
 
+def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row from softmax(logits), by inverse-CDF sampling with one uniform draw from the row's generator.
+
+    Args:
+        logits: (B, V).
+        generators: B generators.
+
+    Returns:
+        (B,) token ids.
+    """
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    draws = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cdf.dtype)
+    tokens = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return tokens.clamp(max=cdf.shape[1] - 1)  # a draw of exactly the total (float rounding)
+
+
 @torch.inference_mode()
 def sample_responses(
     model: Any,
@@ -70,7 +86,6 @@ def sample_responses(
     stop_token_id: int,
     pad_token_id: int,
     generators: Sequence[torch.Generator],
-    config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per query with the KV cache, keeping each sampled token's log-probability.
 
@@ -87,8 +102,6 @@ def sample_responses(
         stop_token_id: a row stops after sampling it.
         pad_token_id: fills a row after it stopped.
         generators: one per row (:func:`episode_generators`).
-        config: the model's transformers config (default ``model.config``): sizes a static KV cache, allocated
-            once instead of grown by concatenation at every token.
 
     Returns:
         responses (B, R) with ``R <= max_new_tokens`` (as long as the longest response; padding after each
@@ -98,11 +111,7 @@ def sample_responses(
     scale = gen.temperature if gen.temperature > 0 else 1.0
     mask = query_mask.clone()
     positions = position_ids(mask)
-    from transformers import StaticCache
-
-    cache = StaticCache(config=config or model.config, max_cache_len=queries.shape[1] + gen.max_new_tokens)
-    out = model(input_ids=queries, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     done = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
@@ -114,11 +123,7 @@ def sample_responses(
             filtered = logits
             for warp in warpers:
                 filtered = warp(None, filtered)
-            # Sampling by exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i
-            # (what torch.multinomial does for one sample), with each row's noise from its own generator.
-            probs = torch.softmax(filtered, dim=-1)
-            noise = torch.stack([torch.empty_like(p).exponential_(generator=g) for p, g in zip(probs, generators)])
-            next_tokens = (probs / noise).argmax(dim=-1)
+            next_tokens = sample_tokens(filtered, generators)
         logprob = logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         tokens.append(torch.where(done, pad_token_id, next_tokens))
         logprobs.append(torch.where(done, 0.0, logprob))
@@ -128,5 +133,5 @@ def sample_responses(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=tokens[-1].unsqueeze(1), attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=out.past_key_values, use_cache=True)
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

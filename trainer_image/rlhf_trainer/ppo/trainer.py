@@ -170,8 +170,7 @@ class PPOTrainer:
         with self.policy.gathered(), autocast(self.device, self.bf16):
             responses, logprobs = sample_responses(
                 self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
-                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device),
-                config=self.models.policy.config)
+                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device))
         responses, logprobs = responses.clone(), logprobs.clone()  # inference-mode tensors cannot enter autograd
         generated = time.perf_counter()
         self.raise_if_stopped()
