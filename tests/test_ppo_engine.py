@@ -161,3 +161,16 @@ def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
     together = sample(PROMPTS[:4], [0, 1, 2, 3])
     assert together == sample(PROMPTS[:2], [0, 1]) + sample(PROMPTS[2:4], [2, 3])
     assert together != sample(PROMPTS[:4], [4, 5, 6, 7])  # other episodes, other samples
+
+
+def test_a_stop_request_ends_sampling_early_and_leaves_the_state_of_the_last_step(ppo_inputs):
+    from rlhf_trainer.ppo.trainer import Stopped
+
+    trainer = make_trainer(ppo_inputs)
+    before = snapshot(trainer.models.policy)
+    saved = []
+    trainer.stop_requested = True  # as the SIGTERM handler sets it
+    with pytest.raises(Stopped, match="before its update"):
+        trainer.train(checkpoint=lambda t: saved.append(t.step))
+    assert saved == [0] and trainer.step == 0 and not trainer.history
+    assert not changed(before, trainer.models.policy)

@@ -8,7 +8,7 @@ resumed run the same as an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +86,7 @@ def sample_responses(
     stop_token_id: int,
     pad_token_id: int,
     generators: Sequence[torch.Generator],
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per query with the KV cache, keeping each sampled token's log-probability.
 
@@ -102,6 +103,8 @@ def sample_responses(
         stop_token_id: a row stops after sampling it.
         pad_token_id: fills a row after it stopped.
         generators: one per row (:func:`episode_generators`).
+        interrupted: checked before each token; when it returns true, sampling stops early (the caller discards
+            the partial responses: SIGTERM should not wait for a whole generation).
 
     Returns:
         responses (B, R) with ``R <= max_new_tokens`` (as long as the longest response; padding after each
@@ -116,6 +119,8 @@ def sample_responses(
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     for _ in range(gen.max_new_tokens):
+        if interrupted():
+            break
         logits = out.logits[:, -1].float() / scale
         if gen.temperature == 0:
             next_tokens = logits.argmax(-1)
@@ -134,4 +139,6 @@ def sample_responses(
         positions = positions[:, -1:] + 1
         out = model(input_ids=tokens[-1].unsqueeze(1), attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
+    if not tokens:  # interrupted before the first token
+        return queries.new_zeros((queries.shape[0], 0)), torch.zeros((queries.shape[0], 0), device=queries.device)
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)

@@ -170,10 +170,11 @@ class PPOTrainer:
         with self.policy.gathered(), autocast(self.device, self.bf16):
             responses, logprobs = sample_responses(
                 self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
-                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device))
+                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device),
+                interrupted=lambda: self.stop_requested)
+        self.raise_if_stopped()
         responses, logprobs = responses.clone(), logprobs.clone()  # inference-mode tensors cannot enter autograd
         generated = time.perf_counter()
-        self.raise_if_stopped()
 
         # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs, values.
         rollout, texts, values_graph = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
