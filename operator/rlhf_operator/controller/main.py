@@ -110,8 +110,6 @@ async def run(args: argparse.Namespace) -> int:
     from rlhf_operator.controller.reconcile import Reconciler
 
     log = logging.getLogger("rlhf_operator.controller")
-    if args.kubeconfig:
-        os.environ["KUBECONFIG"] = args.kubeconfig  # kopf's own login reads it too
     api = api_client(args.kubeconfig)
     metrics = Metrics()
     reconciler = Reconciler(Kube(api), metrics, stall_after_s=args.stall_seconds, default_image=args.trainer_image)
@@ -169,6 +167,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.kubeconfig:  # before the Kubernetes client is imported: it reads KUBECONFIG at import
+        os.environ["KUBECONFIG"] = args.kubeconfig
     configure_logging(args.log_format, args.verbose)
     return asyncio.run(run(args))
 
