@@ -203,3 +203,19 @@ def test_ppo_metrics_fill_reward_kl_and_the_guardrail_condition():
     assert status.reward == pytest.approx(0.4568) and status.kl == pytest.approx(0.0312)
     hacking = next(c for c in status.conditions if c.type == "RewardHackingSuspected")
     assert hacking.status == "True" and hacking.message == "PPO guardrails fired: reward_hacking_suspected"
+
+
+def test_a_running_stage_without_new_steps_is_stalled():
+    doc = pipeline(ppo={"enabled": False}, queueName=None)
+    sft = build_stage(doc, Stage.SFT)
+    running = plan(doc.spec, {Stage.SFT: StageObservation(Observed.RUNNING, 1)})
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    facts = {Stage.SFT: StageFacts(Stage.SFT, job_name=sft.name, step=40)}
+    first = build_status(running, facts, PipelineStatus(), generation=1, now=t0, stall_after_s=600)
+    assert first.stages[0].progress.step == 40
+    later = build_status(running, facts, first, generation=1, now=t0 + dt.timedelta(minutes=11), stall_after_s=600)
+    stalled = next(c for c in later.conditions if c.type == "Stalled")
+    assert stalled.status == "True" and stalled.reason == "NoProgress" and "since 2026-01-01T00:00:00Z" in stalled.message
+    moved = {Stage.SFT: StageFacts(Stage.SFT, job_name=sft.name, step=50)}
+    again = build_status(running, moved, later, generation=1, now=t0 + dt.timedelta(minutes=12), stall_after_s=600)
+    assert next(c for c in again.conditions if c.type == "Stalled").status == "False"
