@@ -174,3 +174,41 @@ def test_a_stop_request_ends_sampling_early_and_leaves_the_state_of_the_last_ste
         trainer.train(checkpoint=lambda t: saved.append(t.step))
     assert saved == [0] and trainer.step == 0 and not trainer.history
     assert not changed(before, trainer.models.policy)
+
+
+def test_reward_scores_read_the_reward_stage_format(ppo_inputs):
+    from rlhf_trainer.ppo.forward import reward_scores
+    from rlhf_trainer.reward_scoring import score
+
+    trainer = make_trainer(ppo_inputs)
+    responses = ["A lovely, moving film.", "Dull.", "An awful mess from start to finish."]
+    with trainer.models.reward_model() as reward_model, torch.no_grad():
+        ours = reward_scores(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True,
+                             batch_size=2)
+        theirs = score(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True)
+    torch.testing.assert_close(ours, torch.tensor(theirs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_lora_in_one_process_matches_plain_pytorch(ppo_inputs, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                        "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)  # restored after the test
+    sft, rm, spec = ppo_inputs
+    results = []
+    try:
+        for zero_stage in (0, 3):
+            s = settings(totalEpisodes=4, lora={"enabled": True, "r": 4, "alpha": 8},
+                         distributed={"zeroStage": zero_stage})
+            world = distributed.init(always_group=zero_stage > 0)
+            torch.manual_seed(s.seed)
+            results.append(PPOTrainer(s, load_models(sft, rm, spec, s, world.device), PROMPTS, world).train()[-1])
+    finally:
+        distributed.shutdown()
+    for key in ("objective/rm_score", "loss/policy", "loss/value", "policy/entropy"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-6), key

@@ -10,6 +10,7 @@ are summed over processes with :meth:`World.all_sum`.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,18 +52,27 @@ class World:
             dist.barrier()
 
 
-def init(timeout_s: int = 1800) -> World:
-    """Join the process group described by the environment (or run alone) and return this process's place."""
+def init(*, always_group: bool = False, timeout_s: int = 1800) -> World:
+    """Join the process group described by the environment (or run alone) and return this process's place.
+
+    Args:
+        always_group: form a process group even for a single process (DeepSpeed needs one; it would otherwise
+            look for MPI).
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    for name, value in (("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", local_rank)):
+        os.environ.setdefault(name, str(value))  # DeepSpeed reads them; plain MASTER_*/RANK launches may lack some
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    if size > 1 and not dist.is_initialized():
+    if (size > 1 or always_group) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if size == 1:
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             init_method="env://",
@@ -71,6 +81,12 @@ def init(timeout_s: int = 1800) -> World:
             timeout=timedelta(seconds=timeout_s),
         )
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shutdown() -> None:

@@ -6,12 +6,14 @@ Only the response positions are computed where it costs: the LM head runs on the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from rlhf_trainer.ppo.experience import Rollout
+from rlhf_trainer.reward_scoring import reward_input_ids
 from rlhf_trainer.ppo.functional import entropy_from_logits, logprobs_from_logits
 
 
@@ -60,3 +62,31 @@ def response_values(value_model: Any, batch: Rollout) -> torch.Tensor:
     """
     ids, attention, positions = batch.input_ids()
     return value_model(ids, attention, positions, batch.responses.shape[1]) * batch.mask
+
+
+def reward_scores(reward_model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
+                  chat: bool, batch_size: int) -> torch.Tensor:
+    """The reward model's score of each (prompt, response), read in the format it was trained on.
+
+    The text is tokenized exactly as the reward stage did (:func:`rlhf_trainer.reward_scoring.reward_input_ids`:
+    the chat template over the user and assistant turns), right-padded, and the scalar head is read at the last
+    real token. (Like ``reward_scoring.score``, but without inference mode, which ZeRO-3's parameter gathering
+    and peft's adapter switching cannot run under.)
+
+    Returns:
+        (B,) float32 scores.
+    """
+    device = next(reward_model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        sequences = [reward_input_ids(tokenizer, p, r, chat)
+                     for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        logits = reward_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        scores.append(logits[:, 0].float())
+    return torch.cat(scores)

@@ -29,13 +29,12 @@ from typing import Any
 import torch
 
 from rlhf_operator.spec import PPOSpec
-from rlhf_trainer import reward_scoring
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.judges import Judge
 from rlhf_trainer.ppo import seeding
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
-from rlhf_trainer.ppo.forward import autocast, response_logprobs, response_values
+from rlhf_trainer.ppo.forward import autocast, response_logprobs, response_values, reward_scores
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
     gae,
@@ -250,9 +249,8 @@ class PPOTrainer:
         with torch.no_grad():
             # The reward model reads text in the format it was trained on (chat template over user + assistant).
             with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
-                rm_scores = torch.tensor(reward_scoring.score(
-                    reward_model, self.models.reward_tokenizer, prompts, texts, chat=self.reward_chat,
-                    batch_size=self.sizes.micro_batch), device=self.device)
+                rm_scores = reward_scores(reward_model, self.models.reward_tokenizer, prompts, texts,
+                                          chat=self.reward_chat, batch_size=self.sizes.micro_batch)
             scores = apply_missing_eos_penalty(rm_scores, has_stop, s.missing_eos_penalty)
             rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
                               query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,

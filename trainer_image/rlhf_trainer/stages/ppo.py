@@ -41,7 +41,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     if settings.prompts is None:
         raise ConfigError("spec.ppo.prompts is required: a JSON Lines or Parquet file with a 'prompt' field")
     ws.input_ref("reward_model")  # a ConfigError naming the missing input, before anything is loaded
-    world = distributed.init()
+    world = distributed.init(always_group=settings.distributed.zero_stage > 0)
     try:
         return train(ws, settings, world)
     finally:
