@@ -21,6 +21,7 @@ from rlhf_operator.artifacts import (
     ChecksumError,
     InvalidManifestError,
     NotFoundError,
+    Progress,
     S3Store,
     StorageOptions,
     Store,
@@ -31,7 +32,9 @@ from rlhf_operator.artifacts import (
     library_versions,
     open_store,
     publish,
+    publish_progress,
     read_manifest,
+    read_progress,
 )
 from rlhf_operator.artifacts import store as store_module
 from s3_server import S3Server
@@ -303,6 +306,23 @@ def test_fetch_uses_only_listed_files(backend: Backend, stage_dir: Path, tmp_pat
     backend.store.write_bytes(join_uri(backend.uri, "leftover-from-attempt-1.bin"), b"old")
     fetch(backend.uri, tmp_path / "fetched", backend.store)
     assert set(read_tree(tmp_path / "fetched")) == set(TREE)
+
+
+def test_progress_is_read_back_for_its_config_digest_only(backend: Backend, stage_dir: Path) -> None:
+    store, uri = backend.store, backend.uri
+    assert read_progress(uri, store, DIGEST) is None  # nothing published yet
+    publish_progress(uri, store, DIGEST, Progress(step=3, total_steps=10,
+                                                  metrics={"rm_score": 1.25, "kl": float("nan")}))
+    got = read_progress(uri, store, DIGEST)
+    assert got == Progress(step=3, total_steps=10, metrics={"rm_score": 1.25})  # NaN is not JSON: left out
+    assert read_progress(uri, store, "sha256:other") is None  # a leftover of another configuration
+    # advisory only: a published stage's manifest does not list it, and it does not make a stage complete
+    assert not is_complete(uri, store)
+    publish(stage_dir, uri, store, stage="sft", config_digest=DIGEST)
+    assert "progress.json" not in {f.path for f in read_manifest(uri, store).files}
+    store.write_bytes(join_uri(uri, "progress.json"), b'{"totalSteps": 4}')
+    with pytest.raises(ValueError, match="progress.json"):
+        read_progress(uri, store, DIGEST)
 
 
 def test_is_complete_lifecycle(backend: Backend, stage_dir: Path) -> None:

@@ -118,12 +118,57 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     # the output: a plain checkpoint with the adapter merged in, computing what the adapted policy computes
     from transformers import AutoModelForCausalLM
 
-    save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri())
+    save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri(), base_dir=sft, spec=spec)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     with torch.no_grad():
         torch.testing.assert_close(response_logprobs(merged, rollout, trainer.temperature)[0], rollout.logprobs,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_merges_into_the_float32_weights(ppo_inputs, tmp_path):
+    sft, rm, spec = ppo_inputs
+    trainer = make_trainer(ppo_inputs, lora={"enabled": True, "r": 4, "alpha": 8}, bf16=True)
+    models = trainer.models
+    for net in (models.policy, models.value):
+        dtypes = {n: p.dtype for n, p in net.named_parameters()}
+        assert {d for n, d in dtypes.items() if "lora_" not in n and "modules_to_save" not in n} == {torch.bfloat16}
+        # trained weights (adapters, the value model's score head) keep float32 master copies
+        assert {p.dtype for p in net.parameters() if p.requires_grad} == {torch.float32}
+    trainer.train()
+
+    save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri(), base_dir=sft, spec=spec)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    plain = hf_models.load_causal_lm(sft, spec, models.tokenizer)
+    assert merged.dtype == torch.float32
+    adapter = models.policy.get_base_model().model.layers[0].self_attn.q_proj
+    delta = (adapter.lora_B["default"].weight @ adapter.lora_A["default"].weight) * adapter.scaling["default"]
+    # pi_SFT's float32 weights plus the adapter's update, not the bf16-rounded copy training ran on
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight,
+                               plain.model.layers[0].self_attn.q_proj.weight + delta.detach())
+    unchanged = merged.model.layers[0].input_layernorm.weight
+    assert torch.equal(unchanged, plain.model.layers[0].input_layernorm.weight)
+
+
+def test_under_bf16_frozen_models_are_bf16_and_rollouts_sample_from_a_refreshed_bf16_copy(ppo_inputs):
+    trainer = make_trainer(ppo_inputs, bf16=True)
+    models = trainer.models
+    assert {p.dtype for m in (models.reference, models.reward) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m in (models.policy, models.value) for p in m.parameters()} == {torch.float32}
+    # trained models use eager attention on CPU (its backward is the fast one under bf16), the sampler SDPA
+    assert models.policy.config._attn_implementation == "eager"
+    assert trainer.sampler.model.config._attn_implementation == "sdpa"
+
+    history = trainer.train()
+    assert all(math.isfinite(v) for entry in history for v in entry.values())
+    copy = trainer.sampler.refreshed()
+    for (name, mine), theirs in zip(copy.named_parameters(), models.policy.parameters()):
+        assert mine.dtype == torch.bfloat16 and not mine.requires_grad
+        assert torch.equal(mine, theirs.detach().to(torch.bfloat16)), name  # the trained weights, rounded
+    assert make_trainer(ppo_inputs, bf16=False).sampler is None
+    assert make_trainer(ppo_inputs, bf16=True, lora={"enabled": True, "r": 4, "alpha": 8}).sampler is None
 
 
 def test_seeded_runs_are_identical_on_cpu(ppo_inputs):

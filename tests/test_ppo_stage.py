@@ -92,6 +92,11 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     assert {"rm_score", "kl", "gold_score"} <= set(manifest.metrics) and manifest.metrics["steps"] == 6
     expected = steps(out / "metrics.jsonl")
     assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
+    # the live progress the operator shows while the stage runs: the last step's headline metrics
+    live = json.loads((out / "progress.json").read_text())
+    assert live["step"] == 6 and live["totalSteps"] == 6
+    assert live["metrics"]["rm_score"] == pytest.approx(expected[-1]["objective/rm_score"], abs=1e-5)
+    assert live["metrics"]["kl"] == pytest.approx(expected[-1]["objective/kl"], abs=1e-5)
 
     config = stage_config(artifacts, tmp_path / "b", "interrupted", **settings)
     workspace = tmp_path / "b" / "ws"

@@ -24,7 +24,7 @@ def test_demo_is_valid():
     doc = load_pipeline(DEMO)
     assert doc.metadata.name == "movie-reviews"
     assert doc.spec.sft.learning_rate == 5e-5  # camelCase in YAML, snake_case in Python
-    assert doc.spec.ppo.runs is False and doc.spec.evaluate.runs is True
+    assert doc.spec.ppo.runs is True and doc.spec.evaluate.runs is True  # the whole recipe, PPO included
 
 
 def mutate(path: str, value):

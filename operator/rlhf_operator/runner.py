@@ -148,6 +148,7 @@ class LocalRunner:
         report.attempts = attempt
         if code == 0 and self.complete(stage):
             self.failures.pop(stage, None)
+            report.note = f"on attempt {attempt}" if attempt > 1 else ""  # not an earlier attempt's failure
             shutil.rmtree(workspace, ignore_errors=True)
             self.console.print(f"[green]{stage.value} done[/] in {time.monotonic() - t0:.0f}s")
             return

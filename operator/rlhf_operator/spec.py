@@ -451,6 +451,12 @@ class PreferencesSpec(StageCommon):
     )
     judge: JudgeSpec = Field(default_factory=JudgeSpec, description="judge, optional: the labeller.")
     seed: int = Field(42, description="seed, optional: sampling seed.")
+    bf16: bool | None = Field(
+        None,
+        description="bf16, optional: sample with pi_SFT's weights in bfloat16 (half the memory traffic per "
+        "token). Unset means on for a CUDA GPU that supports it, off on CPU (CPUs with AMX or AVX512-BF16 "
+        "sample faster with true).",
+    )
 
     @model_validator(mode="after")
     def _needs_prompts(self) -> PreferencesSpec:

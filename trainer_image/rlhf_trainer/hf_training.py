@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from rlhf_operator.artifacts import join_uri, publish, read_manifest, fetch
 from rlhf_operator.spec import TrainingArgs
+from rlhf_trainer import progress
 from rlhf_trainer.errors import Preempted
 from rlhf_trainer.workspace import Workspace
 
@@ -120,16 +121,24 @@ class StopOnSigterm(TrainerCallback):
             control.should_training_stop = True
 
 
-class JsonlLog(TrainerCallback):
-    """Append every Trainer log entry to a JSON Lines file."""
+#: Trainer log keys published as live progress (TRL's reward trainer logs accuracy and margin per batch)
+PROGRESS_KEYS = ("loss", "learning_rate", "accuracy", "margin", "mean_token_accuracy", "epoch")
 
-    def __init__(self, path: Path) -> None:
+
+class JsonlLog(TrainerCallback):
+    """Append every Trainer log entry to a JSON Lines file, and publish it as the stage's live progress."""
+
+    def __init__(self, path: Path, ws: Workspace | None = None) -> None:
         self.path = path
+        self.ws = ws
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **_: Any) -> None:
         if state.is_world_process_zero and logs:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            if self.ws is not None:
+                numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k in PROGRESS_KEYS}
+                progress.publish(self.ws, state.global_step, state.max_steps, numbers)
 
 
 def train_with_resume(trainer: Any, ws: Workspace, stopper: StopOnSigterm) -> Any:

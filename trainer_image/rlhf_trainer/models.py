@@ -31,6 +31,21 @@ def resolve_dtype(model: ModelSpec) -> torch.dtype:
     return getattr(torch, model.dtype)
 
 
+def bf16_enabled(flag: bool | None) -> bool:
+    """A stage's ``bf16`` setting: as given, or by default on a CUDA GPU that supports bfloat16."""
+    if flag is not None:
+        return flag
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def frozen_spec(model: ModelSpec, bf16: bool) -> ModelSpec:
+    """How to load weights that are only read (sampling, reference, reward): in bfloat16 under ``bf16``,
+    unless the spec asks for another dtype or quantizes them."""
+    if bf16 and not model.quantization.bits and model.dtype in ("auto", "float32"):
+        return model.model_copy(update={"dtype": "bfloat16"})
+    return model
+
+
 def quantization_config(model: ModelSpec) -> Any | None:
     bits = model.quantization.bits
     if bits is None:
@@ -66,8 +81,12 @@ def load_tokenizer(path: Path, model: ModelSpec) -> Any:
     return tok
 
 
-def _model_kwargs(model: ModelSpec) -> dict[str, Any]:
+def _model_kwargs(model: ModelSpec, trained: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(model), "trust_remote_code": model.trust_remote_code}
+    if trained and not torch.cuda.is_available():
+        # PyTorch's CPU flash-attention backward under bfloat16 autocast takes 3x the time of eager attention
+        # (fp32: the same) at these sequence lengths; inference keeps SDPA, faster there.
+        kwargs["attn_implementation"] = "eager"
     quant = quantization_config(model)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -84,21 +103,23 @@ def _fit_vocab(net: Any, tokenizer: Any) -> Any:
     return net
 
 
-def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any) -> Any:
+def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False) -> Any:
+    """A causal LM (``trained``: it will be trained, which picks the attention kernel that is fast backwards)."""
     from transformers import AutoModelForCausalLM
 
-    return _fit_vocab(AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(model)), tokenizer)
+    return _fit_vocab(AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(model, trained)), tokenizer)
 
 
-def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any) -> Any:
-    """A scalar-output sequence classifier (``num_labels=1``): a reward or value model."""
+def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False) -> Any:
+    """A scalar-output sequence classifier (``num_labels=1``): a reward or value model (see load_causal_lm)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal-LM checkpoint has no score head yet: that warning is expected
     try:
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_kwargs(model))
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                 **_model_kwargs(model, trained))
     finally:
         hf_logging.set_verbosity(verbosity)
     return _fit_vocab(net, tokenizer)

@@ -20,6 +20,7 @@ from rlhf_operator.artifacts.manifest import (
     publish,
     read_manifest,
 )
+from rlhf_operator.artifacts.progress import PROGRESS_NAME, Progress, publish_progress, read_progress
 from rlhf_operator.artifacts.store import (
     ChecksumError,
     FileStore,
@@ -36,6 +37,10 @@ from rlhf_operator.artifacts.store import (
 
 __all__ = [
     "MANIFEST_NAME",
+    "PROGRESS_NAME",
+    "Progress",
+    "publish_progress",
+    "read_progress",
     "ChecksumError",
     "FileEntry",
     "FileStore",

@@ -33,6 +33,7 @@ from rlhf_operator.artifacts import (
     manifest_uri,
     open_store,
     read_manifest,
+    read_progress,
 )
 from rlhf_operator.controller import names
 from rlhf_operator.controller.conditions import EventSpec, StageFacts, build_status, parse_time, transitions
@@ -57,7 +58,6 @@ from rlhf_operator.status import Condition, ConditionType, PipelineStatus, Reaso
 
 log = logging.getLogger("rlhf_operator.controller")
 STORE_CACHE_SIZE = 16
-PROGRESS_FILE = "progress.json"  # optional: {"step", "totalSteps", "metrics"} published by a running stage
 CHECKPOINT_POINTER = "checkpoints/latest.json"  # {"checkpoint", "global_step", "config_digest"}
 
 
@@ -254,12 +254,9 @@ class Reconciler:
         try:
             store = self._store(doc)
             uri = objects.config.output_uri
-            try:
-                progress = json.loads(store.read_bytes(join_uri(uri, PROGRESS_FILE)))
-                if progress.get("configDigest", objects.config.digest) == objects.config.digest:
-                    return {"step": int(progress["step"]), "metrics": dict(progress.get("metrics") or {})}
-            except NotFoundError:
-                pass
+            progress = read_progress(uri, store, objects.config.digest)
+            if progress is not None:
+                return {"step": progress.step, "metrics": progress.metrics}
             pointer = json.loads(store.read_bytes(join_uri(uri, CHECKPOINT_POINTER)))
             if pointer.get("config_digest") == objects.config.digest:
                 return {"step": int(pointer["global_step"])}

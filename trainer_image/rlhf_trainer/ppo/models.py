@@ -9,7 +9,9 @@ value       R_phi (sequence classifier, 1 label)   yes        an adapter on R_ph
 reward      R_phi (sequence classifier, 1 label)   no         the value model with its adapter disabled
 ==========  =====================================  =========  ==============================================
 
-Frozen models are in eval mode with gradients off. Dropout is disabled everywhere (detail: with dropout the
+Frozen models are in eval mode with gradients off; under bf16 (``spec.ppo.bf16``) their weights are stored in
+bfloat16 (half the memory, no cast at every forward pass), LoRA's frozen base included, while trained weights
+stay in the checkpoint's dtype (float32 master weights under autocast). Dropout is disabled everywhere (detail: with dropout the
 log-probabilities of the rollout and of the first update would differ for the same weights). The value model is
 the reward model's scalar head read at every position (:class:`TokenValues`), so its first estimates are the
 reward model's own opinion of each prefix.
@@ -52,7 +54,7 @@ class TokenValues(nn.Module):
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return inner.score(hidden[:, -response_width - 1:-1]).squeeze(-1).float()
+        return inner.score(hidden[:, -response_width - 1:-1].contiguous()).squeeze(-1).float()
 
 
 @dataclass
@@ -104,9 +106,37 @@ def _unquantized(spec: ModelSpec) -> ModelSpec:
     return spec.model_copy(update={"quantization": QuantizationSpec()})
 
 
+def uses_bf16(settings: PPOSpec) -> bool:
+    """bfloat16 autocast for PPO's forward passes: as ``bf16`` says, or by default on a CUDA GPU with bf16."""
+    return hf_models.bf16_enabled(settings.bf16)
+
+
 def _to(net: nn.Module, spec: ModelSpec, device: torch.device) -> nn.Module:
     # bitsandbytes places quantized weights on the GPU itself and refuses .to()
     return net if spec.quantization.bits else net.to(device)
+
+
+def _trained_in_float32(net: nn.Module) -> nn.Module:
+    """Trained weights in float32 over a bfloat16 frozen base (peft copies the score head in the base's dtype)."""
+    for param in net.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return net
+
+
+def merged_policy(policy: Any, policy_dir: Path, spec: ModelSpec, tokenizer: Any) -> Any:
+    """The LoRA policy as a plain model, its adapter merged into pi_SFT's weights as stored (float32 or the
+    spec's dtype, never quantized), not into the bfloat16 or quantized copy that training ran on."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    live_base = policy.get_base_model()
+    target = _unquantized(spec)
+    if not getattr(live_base, "is_quantized", False) and live_base.dtype == hf_models.resolve_dtype(target):
+        return policy.merge_and_unload()
+    adapter = get_peft_model_state_dict(policy)
+    merged = get_peft_model(hf_models.load_causal_lm(policy_dir, target, tokenizer), policy.peft_config["default"])
+    set_peft_model_state_dict(merged, adapter)
+    return merged.merge_and_unload()
 
 
 def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: PPOSpec,
@@ -128,28 +158,30 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
             "or from the same base model (spec.reward.initFrom)"
         )
     lora = settings.lora.enabled
+    frozen = hf_models.frozen_spec(spec, uses_bf16(settings))
 
-    policy_spec = spec if lora else _unquantized(spec)
-    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer), policy_spec, device)
+    policy_spec = frozen if lora else _unquantized(spec)
+    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer, trained=True), policy_spec, device)
     reference = None
     if lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, hf_models.lora_config(settings.lora, "CAUSAL_LM"))
+        policy = _trained_in_float32(get_peft_model(policy, hf_models.lora_config(settings.lora, "CAUSAL_LM")))
     else:
-        reference = hf_models.freeze(_to(hf_models.load_causal_lm(policy_dir, spec, tokenizer), spec, device))
+        reference = hf_models.freeze(_to(hf_models.load_causal_lm(policy_dir, frozen, tokenizer), frozen, device))
     disable_dropout(policy).train()
 
     value_lora = lora and settings.value_lora
-    value_spec = spec if value_lora else _unquantized(spec)
-    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer), value_spec, device)
+    value_spec = frozen if value_lora else _unquantized(spec)
+    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer, trained=True),
+                     value_spec, device)
     reward = None
     if value_lora:
         from peft import get_peft_model
 
-        classifier = get_peft_model(classifier, hf_models.lora_config(settings.lora, "SEQ_CLS"))
+        classifier = _trained_in_float32(get_peft_model(classifier, hf_models.lora_config(settings.lora, "SEQ_CLS")))
     else:
-        reward = hf_models.freeze(_to(hf_models.load_sequence_classifier(reward_dir, spec, reward_tokenizer),
-                                      spec, device))
+        reward = hf_models.freeze(_to(hf_models.load_sequence_classifier(reward_dir, frozen, reward_tokenizer),
+                                      frozen, device))
     value = TokenValues(disable_dropout(classifier)).train()
     return PPOModels(tokenizer, reward_tokenizer, policy, reference, value, reward)

@@ -1,4 +1,8 @@
-"""Rollouts: prompts in, sampled responses out (batched, left-padded, KV cache, inference mode).
+"""Rollouts: prompts in, sampled responses out (batched, left-padded, KV cache, no autograd).
+
+Detail: sampling runs under ``torch.no_grad``, not ``torch.inference_mode``: under bfloat16 autocast only the
+former lets autocast cast each float32 weight once per rollout instead of once per token (measured on CPU:
+78 ms per token instead of 129 for the demo model, batch 8).
 
 Each episode (one prompt of one step) samples from its own random generator, seeded by the run's seed and
 the episode's global index. A response therefore depends on the seed, the weights and the prompt only, not on
@@ -8,10 +12,12 @@ resumed run the same as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from rlhf_operator.spec import GenerationSpec
 from rlhf_trainer.generation import format_prompt
@@ -49,6 +55,33 @@ def episode_generators(seed: int, episodes: Sequence[int], device: torch.device)
     return [generator(seed, "episode", int(e), device=device) for e in episodes]
 
 
+class BF16Sampler:
+    """A bfloat16 copy of a fully trained policy to sample from under bf16, refreshed before each rollout.
+
+    Detail: decoding one token reads every weight; under autocast it also casts them and pays autocast's
+    per-operation dispatch, so sampling from float32 master weights is slower than from a bfloat16 copy
+    (measured on CPU, demo model, 16 rollouts: 82 ms per token from the copy with SDPA attention, 120-145 ms
+    under autocast). The copy costs half the policy's memory and one cast per step (about 60 ms). The
+    log-probabilities it records are those of the bf16-rounded weights, which is what the update's autocast
+    forward pass computes with as well.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        self.source = policy
+        self.model = copy.deepcopy(policy).to(torch.bfloat16).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        if hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation("sdpa")  # the trained copy may use eager attention (backward speed)
+
+    @torch.no_grad()
+    def refreshed(self) -> nn.Module:
+        """The copy, holding the policy's current weights."""
+        for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
+            mine.copy_(theirs)
+        return self.model
+
+
 def _warpers(gen: GenerationSpec) -> list[Any]:
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -76,7 +109,7 @@ def sample_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator]) -
     return tokens.clamp(max=cdf.shape[1] - 1)  # a draw of exactly the total (float rounding)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample_responses(
     model: Any,
     queries: torch.Tensor,

@@ -51,8 +51,8 @@ from rlhf_trainer.ppo.guardrails import Guardrails
 from rlhf_trainer.ppo.kl_control import make_kl_controller
 from rlhf_trainer.ppo.learner import make_learner
 from rlhf_trainer.ppo.metrics_log import MetricsLog
-from rlhf_trainer.ppo.models import PPOModels
-from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, left_pad, sample_responses
+from rlhf_trainer.ppo.models import PPOModels, uses_bf16
+from rlhf_trainer.ppo.rollout import BF16Sampler, encode_prompts, episode_generators, left_pad, sample_responses
 
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
@@ -122,8 +122,7 @@ class PPOTrainer:
         self.reward_chat = use_chat_template and bool(getattr(models.reward_tokenizer, "chat_template", None))
         self.pad_id = tokenizer.pad_token_id
         self.stop_id = stop_token_id(tokenizer, settings.stop_token)
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        self.bf16 = cuda_bf16 if settings.bf16 is None else settings.bf16
+        self.bf16 = uses_bf16(settings)
         self.temperature = settings.generation.temperature
 
         def learner(module: torch.nn.Module, lr: float) -> Any:
@@ -131,6 +130,9 @@ class PPOTrainer:
                                 micro_batch=self.sizes.micro_batch, world=world)
 
         self.policy = learner(models.policy, settings.learning_rate)
+        # Under bf16, full fine-tuning samples from a bfloat16 copy (LoRA and ZeRO-3 sample under autocast).
+        self.sampler = (BF16Sampler(self.policy.module) if self.bf16 and not settings.lora.enabled
+                        and settings.distributed.zero_stage < 3 else None)
         self.value = learner(models.value, settings.value_learning_rate or settings.learning_rate)
         self.kl_ctl = make_kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
         self.guardrails = Guardrails(settings.guardrails)
@@ -166,13 +168,12 @@ class PPOTrainer:
         #    The sampling pass also gives each token's log-probability under the policy: no extra forward pass.
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
-        with self.policy.gathered(), autocast(self.device, self.bf16):
+        with self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None):
             responses, logprobs = sample_responses(
-                self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
+                self.sampler.refreshed() if self.sampler else self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
                 pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device),
                 interrupted=lambda: self.stop_requested)
         self.raise_if_stopped()
-        responses, logprobs = responses.clone(), logprobs.clone()  # inference-mode tensors cannot enter autograd
         generated = time.perf_counter()
 
         # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs, values.

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from rlhf_operator.spec import PPOSpec
+from rlhf_operator.spec import ModelSpec, PPOSpec
 from rlhf_trainer.data import load_dataset_rows, require_fields
+from rlhf_trainer import progress
 from rlhf_trainer.errors import ConfigError, Preempted
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import save_plain
@@ -27,7 +28,7 @@ from rlhf_trainer.ppo import distributed
 from rlhf_trainer.ppo.checkpoint import StoreCheckpoints
 from rlhf_trainer.ppo.guardrails import NAMES as GUARDRAILS
 from rlhf_trainer.ppo.metrics_log import MetricsLog
-from rlhf_trainer.ppo.models import load_models
+from rlhf_trainer.ppo.models import load_models, merged_policy
 from rlhf_trainer.ppo.trainer import METRICS, PPOTrainer, Stopped
 from rlhf_trainer.workspace import Workspace
 
@@ -54,7 +55,7 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     torch.manual_seed(settings.seed)  # LoRA initialisation, and embeddings grown for an added pad token
     models = load_models(ws.fetch_dir("policy"), ws.fetch_dir("reward_model"), ws.config.model, settings,
                          world.device)
-    log = MetricsLog(ws.output_dir / METRICS, ws.output_dir / "tensorboard") if world.is_main else None
+    log = ProgressLog(ws, settings, ws.output_dir / METRICS, ws.output_dir / "tensorboard") if world.is_main else None
     trainer = PPOTrainer(settings, models, [r["prompt"] for r in rows], world,
                          use_chat_template=ws.config.model.tokenizer.use_chat_template,
                          judge=make_judge(settings.judge.type) if settings.judge else None, log=log)
@@ -74,7 +75,7 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
         signal.signal(signal.SIGTERM, previous_handler)
 
     save_policy(trainer, ws.output_dir, merge=not settings.lora.enabled or settings.merge_lora,
-                base_uri=ws.input_ref("policy").uri)
+                base_uri=ws.input_ref("policy").uri, base_dir=ws.fetch_dir("policy"), spec=ws.config.model)
     last = history[-1]
     metrics: dict[str, Any] = {short: round(last[key], 4) for key, short in HEADLINE.items() if key in last}
     metrics.update(steps=trainer.step, episodes=trainer.step * settings.batch_size)
@@ -82,14 +83,31 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     return metrics
 
 
-def save_policy(trainer: PPOTrainer, out: Path, *, merge: bool, base_uri: str) -> None:
-    """Write the aligned policy to ``out``: a plain checkpoint (a LoRA adapter merged in), or the adapter alone
-    (``merge`` false) with ``base_uri`` recorded as its base model."""
+class ProgressLog(MetricsLog):
+    """The metrics log that also publishes each step's headline metrics as the stage's live progress."""
+
+    def __init__(self, ws: Workspace, settings: PPOSpec, *args: Any) -> None:
+        super().__init__(*args)
+        self.ws = ws
+        self.total_steps = settings.total_episodes // settings.batch_size
+
+    def write(self, entry: dict[str, float]) -> None:
+        super().write(entry)
+        headline = {short: entry[key] for key, short in HEADLINE.items() if key in entry}
+        progress.publish(self.ws, int(entry["step"]), self.total_steps, headline)
+
+
+def save_policy(trainer: PPOTrainer, out: Path, *, merge: bool, base_uri: str, base_dir: Path,
+                spec: ModelSpec) -> None:
+    """Write the aligned policy to ``out``: a plain checkpoint (a LoRA adapter merged into pi_SFT's weights as
+    stored in ``base_dir``), or the adapter alone (``merge`` false) with ``base_uri`` recorded as its base."""
     with trainer.policy.gathered():  # every process takes part in gathering ZeRO-3 shards; the main one writes
         if not trainer.world.is_main:
             return
         policy, tokenizer = trainer.policy.module, trainer.models.tokenizer
         if merge:
+            if hasattr(policy, "peft_config"):
+                policy = merged_policy(policy, base_dir, spec, tokenizer)
             save_plain(policy, tokenizer, out)
             return
         policy.peft_config["default"].base_model_name_or_path = base_uri

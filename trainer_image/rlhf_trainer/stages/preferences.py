@@ -55,7 +55,8 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     policy_dir = ws.fetch_dir("policy")
     tokenizer = models.load_tokenizer(policy_dir, ws.config.model)
-    policy = models.freeze(models.load_causal_lm(policy_dir, ws.config.model, tokenizer).to(models.device()))
+    spec = models.frozen_spec(ws.config.model, models.bf16_enabled(settings.bf16))
+    policy = models.freeze(models.load_causal_lm(policy_dir, spec, tokenizer).to(models.device()))
     repeated = [p for p in prompts for _ in range(settings.num_samples_per_prompt)]
     samples = sample(policy, tokenizer, repeated, settings.generation, batch_size=settings.batch_size,
                      seed=settings.seed, use_chat_template=ws.config.model.tokenizer.use_chat_template,

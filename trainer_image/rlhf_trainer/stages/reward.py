@@ -61,7 +61,7 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
-    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer)
+    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, trained=True)
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
@@ -80,7 +80,7 @@ def run(ws: Workspace) -> dict[str, Any]:
         train_dataset=dataset(train_rows),
         processing_class=tokenizer,
         peft_config=models.lora_config(settings.lora, "SEQ_CLS") if settings.lora.enabled else None,
-        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log)],
+        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log, ws)],
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
 

@@ -27,7 +27,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     base = ws.fetch_dir("model")
     tokenizer = models.load_tokenizer(base, ws.config.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation stages pad on the left
-    model = models.load_causal_lm(base, ws.config.model, tokenizer)
+    model = models.load_causal_lm(base, ws.config.model, tokenizer, trained=True)
     chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
     train = Dataset.from_list(
         [conversational(chat, prompt=r["prompt"], completion=r["completion"]) for r in rows]
@@ -45,7 +45,7 @@ def run(ws: Workspace) -> dict[str, Any]:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=models.lora_config(settings.lora, "CAUSAL_LM") if settings.lora.enabled else None,
-        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log)],
+        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log, ws)],
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
 
