@@ -39,7 +39,7 @@ def artifacts(tiny_model_dir, tmp_path_factory):
     return tiny_model_dir, root / "sft", root / "rm"
 
 
-def stage_config(artifacts, tmp_path: Path, name: str, **ppo) -> Path:
+def stage_config(artifacts, tmp_path: Path, name: str, storage: dict | None = None, **ppo) -> Path:
     base, sft, rm = artifacts
     settings = {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 24}, "batchSize": 4,
                 "miniBatchSize": 2, "numPpoEpochs": 2, "totalEpisodes": 8, "learningRate": 1e-3, "saveSteps": 100,
@@ -47,7 +47,7 @@ def stage_config(artifacts, tmp_path: Path, name: str, **ppo) -> Path:
     doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
                           "metadata": {"name": name},
                           "spec": {"model": {"uri": base.as_uri()}, "sft": {"artifact": sft.as_uri()},
-                                   "reward": {"artifact": rm.as_uri()}, "ppo": settings}})
+                                   "reward": {"artifact": rm.as_uri()}, "ppo": settings, "storage": storage or {}}})
     path = tmp_path / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_stage_config(doc, Stage.PPO, (tmp_path / "store").as_uri()).to_json())
@@ -92,6 +92,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     assert {"rm_score", "kl", "gold_score"} <= set(manifest.metrics) and manifest.metrics["steps"] == 6
     expected = steps(out / "metrics.jsonl")
     assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
+    assert "ppo: checkpoint checkpoint-4 stored" in output  # and deleted once the output was published
+    assert not (out / "checkpoints").exists()
     # the live progress the operator shows while the stage runs: the last step's headline metrics
     live = json.loads((out / "progress.json").read_text())
     assert live["step"] == 6 and live["totalSteps"] == 6
@@ -137,7 +139,7 @@ def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
     output = finish(proc)
     assert proc.returncode == 0, output
 
-    sharded = stage_config(artifacts, tmp_path / "two", "zero3", saveSteps=1,
+    sharded = stage_config(artifacts, tmp_path / "two", "zero3", storage={"keepCheckpoints": True}, saveSteps=1,
                            distributed={"nodes": 2, "zeroStage": 3}, **settings)
     port = str(free_port())
     procs = [rlhf_train(sharded, tmp_path / "two" / f"ws{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,

@@ -16,6 +16,7 @@ from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
+from rlhf_trainer.stages.reward import margin
 
 
 def test_best_worst_pairs_keep_one_pair_per_prompt_above_the_margin():
@@ -32,6 +33,22 @@ def test_best_worst_pairs_keep_one_pair_per_prompt_above_the_margin():
 def test_all_pairs():
     pairs = make_pairs({"p": [("x", 1.0), ("y", 0.0), ("z", 0.5)]}, "all", 0.3)
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("x", "z"), ("x", "y"), ("z", "y")]
+
+
+def test_score_margin_scales_the_judge_score_difference_and_needs_scores():
+    pair = {"prompt": "p", "chosen": "good", "rejected": "bad", "chosen_score": 0.75, "rejected_score": -0.25}
+    assert margin(pair, 0.5) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="scoreMargin.*chosen_score"):
+        margin({"prompt": "p", "chosen": "good", "rejected": "bad"}, 1.0)
+
+
+def test_a_resumed_attempts_log_replaces_the_interrupted_ones_steps(tmp_path):
+    from rlhf_trainer.plots import read_log
+
+    log = tmp_path / "trainer_log.jsonl"
+    steps = [5, 10, 15, 5, 10, 15, 20, 20]  # an attempt died after step 15; the next restarted from step 0
+    log.write_text("".join(json.dumps({"step": s, "loss": i}) + "\n" for i, s in enumerate(steps)))
+    assert [(e["step"], e["loss"]) for e in read_log(log)] == [(5, 3), (10, 4), (15, 5), (20, 6), (20, 7)]
 
 
 def test_win_rate_counts_ties_as_half():

@@ -223,6 +223,13 @@ class StorageSpec(SpecModel):
         True,
         description="keepArtifactsOnDelete, optional: keep the stored artifacts when the pipeline is deleted.",
     )
+    keep_checkpoints: bool = Field(
+        False,
+        description="keepCheckpoints, optional: keep a stage's in-training checkpoints in the store after it "
+        "published its output. By default they are deleted then (they only serve to resume an unfinished "
+        "stage; PPO's hold two models and their optimizer states), and while a stage runs only its latest "
+        "checkpoint is kept.",
+    )
 
 
 # ----------------------------------------------------------------------------------- shared settings
@@ -477,6 +484,13 @@ class RewardSpec(StageCommon, TrainingArgs):
         0.1, ge=0.0, lt=1.0,
         description="evalFraction, optional: fraction of the prompts held out, with all their pairs, to measure "
         "pair accuracy.",
+    )
+    score_margin: float | None = Field(
+        None, ge=0.0,
+        description="scoreMargin, optional: with pairs that carry judge scores (chosen_score, rejected_score, as "
+        "the preferences stage writes them), train with the margin loss -log sigmoid(r_chosen - r_rejected - m), "
+        "m = scoreMargin x the score difference (Llama 2's margin loss): pairs the judge separates clearly must "
+        "be separated more. Unset: the plain Bradley-Terry loss.",
     )
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="centerRewardsCoefficient, optional: push mean reward toward zero (TRL)."

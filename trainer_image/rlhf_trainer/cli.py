@@ -64,6 +64,11 @@ def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
                      config_digest=config.digest, metrics=metrics)
     print(f"published {len(result.uploaded)} file(s) to {config.output_uri} "
           f"({len(result.skipped)} unchanged)", file=sys.stderr)
+    if not config.storage.keep_checkpoints:  # resume points of a finished stage: storage nobody needs
+        removed = ws.output_store.delete_prefix(ws.checkpoints_uri)
+        if removed:
+            print(f"deleted {removed} checkpoint file(s) under {ws.checkpoints_uri} "
+                  "(spec.storage.keepCheckpoints keeps them)", file=sys.stderr)
     return metrics
 
 

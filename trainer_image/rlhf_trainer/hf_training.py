@@ -82,8 +82,12 @@ class StoreCheckpoints(TrainerCallback):
         store = self.ws.output_store
         publish(local, join_uri(self.ws.checkpoints_uri, name), store, stage=self.ws.config.stage.value,
                 config_digest=self.ws.config.digest, metrics={"global_step": state.global_step})
+        pointer_uri = join_uri(self.ws.checkpoints_uri, LATEST)
+        previous = json.loads(store.read_bytes(pointer_uri)) if store.exists(pointer_uri) else None
         pointer = {"checkpoint": name, "global_step": state.global_step, "config_digest": self.ws.config.digest}
-        store.write_bytes(join_uri(self.ws.checkpoints_uri, LATEST), json.dumps(pointer).encode())
+        store.write_bytes(pointer_uri, json.dumps(pointer).encode())
+        if previous and previous.get("checkpoint") != name and not self.ws.config.storage.keep_checkpoints:
+            store.delete_prefix(join_uri(self.ws.checkpoints_uri, previous["checkpoint"]))  # one resume point
 
 
 def restore_checkpoint(ws: Workspace) -> str | None:

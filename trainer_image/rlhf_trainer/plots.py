@@ -8,9 +8,19 @@ from pathlib import Path
 
 
 def read_log(path: Path | None) -> list[dict]:
+    """A training log's entries; when an attempt resumed from an earlier step, its entries replace the ones the
+    interrupted attempt logged from that step on (one curve, not several drawn over each other)."""
     if path is None or not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries: list[dict] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if entries and "step" in entry and entry["step"] < entries[-1].get("step", 0):
+            entries = [e for e in entries if e.get("step", 0) < entry["step"]]
+        entries.append(entry)
+    return entries
 
 
 def curve(entries: list[dict], key: str) -> tuple[list[float], list[float]]:

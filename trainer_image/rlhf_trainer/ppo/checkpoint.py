@@ -46,7 +46,8 @@ class StoreCheckpoints:
             pointer = {"checkpoint": name, "global_step": trainer.step, "config_digest": self.ws.config.digest,
                        "processes": self.world.size}
             self.store.write_bytes(self.pointer_uri, json.dumps(pointer).encode())
-            if previous is not None and previous["checkpoint"] != name:
+            keep = self.ws.config.storage.keep_checkpoints
+            if previous is not None and previous["checkpoint"] != name and not keep:
                 self.store.delete_prefix(join_uri(self.ws.checkpoints_uri, previous["checkpoint"]))
         for old in self.ws.checkpoints_dir.glob("checkpoint-*"):
             if old.name != name:

@@ -164,15 +164,16 @@ class PPOTrainer:
         episodes = self.episodes_of_step(self.step)
         prompts = [self.prompt_of(e) for e in episodes]
 
-        # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3).
-        #    The sampling pass also gives each token's log-probability under the policy: no extra forward pass.
+        # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3;
+        #    under bf16 from a bfloat16 copy of the current weights). The sampling pass also gives each token's
+        #    log-probability under the policy: no extra forward pass.
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        sampler = self.sampler.refreshed() if self.sampler else self.policy.model
         with self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None):
             responses, logprobs = sample_responses(
-                self.sampler.refreshed() if self.sampler else self.policy.model, queries, query_mask, s.generation, stop_token_id=self.stop_id,
-                pad_token_id=self.pad_id, generators=episode_generators(s.seed, episodes, self.device),
-                interrupted=lambda: self.stop_requested)
+                sampler, queries, query_mask, s.generation, stop_token_id=self.stop_id, pad_token_id=self.pad_id,
+                generators=episode_generators(s.seed, episodes, self.device), interrupted=lambda: self.stop_requested)
         self.raise_if_stopped()
         generated = time.perf_counter()
 

@@ -35,6 +35,15 @@ def fits(tokenizer: Any, row: dict[str, Any], max_length: int, chat: bool) -> bo
                for side in ("chosen", "rejected"))
 
 
+def margin(row: dict[str, Any], scale: float) -> float:
+    """The margin-loss target of a pair: ``scale`` times its judge-score difference."""
+    try:
+        return scale * (float(row["chosen_score"]) - float(row["rejected_score"]))
+    except KeyError as missing:
+        raise ConfigError(f"spec.reward.scoreMargin needs judge scores in every pair, and one has no {missing}: "
+                          "use pairs from the preferences stage, or unset scoreMargin") from None
+
+
 def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     """Hold out ``fraction`` of the prompts with all their pairs, so no held-out prompt was trained on."""
     prompts = sorted({r["prompt"] for r in rows})
@@ -65,7 +74,9 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
-            conversational(chat, prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows
+            conversational(chat, prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+            | ({"margin": margin(r, settings.score_margin)} if settings.score_margin is not None else {})
+            for r in rows
         ])
 
     log = ws.output_dir / "trainer_log.jsonl"
