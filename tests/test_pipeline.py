@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_operator.artifacts import StorageOptions, open_store, read_manifest
+from rlhf_operator.artifacts import StorageOptions, open_store, read_manifest, read_progress
 from rlhf_operator.loading import parse_pipeline
 from rlhf_operator.plan import PipelinePhase, StagePhase
 from rlhf_operator.runner import LocalRunner
@@ -73,6 +73,11 @@ def test_pipeline_on_s3_runs_then_rerun_skips(tiny_model_dir, s3_env, s3_server,
     assert reward["train_pairs"] + reward["eval_pairs"] >= 4 and 0.0 <= reward["eval_accuracy"] <= 1.0
     sft = first.reports[Stage.SFT].metrics
     assert sft["steps"] == 3 and sft["train_loss"] > 0
+    # the live progress the trainer published for the operator: the last logged step's loss
+    sft_config = build_stage_config(doc, Stage.SFT, s3_env)
+    live = read_progress(sft_config.output_uri, store, sft_config.digest)
+    assert live is not None and live.step == 3 and live.total_steps == 3 and live.metrics["loss"] > 0
+    assert not store.list(sft_config.output_uri + "/checkpoints/")  # deleted once the output was published
     evaluation = first.reports[Stage.EVALUATE].metrics
     assert -1.0 <= evaluation["sft/judge_mean"] <= 1.0 and "sft/rm_mean" in evaluation
 

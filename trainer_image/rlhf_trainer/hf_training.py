@@ -142,7 +142,8 @@ class JsonlLog(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
             if self.ws is not None:
                 numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and k in PROGRESS_KEYS}
-                progress.publish(self.ws, state.global_step, state.max_steps, numbers)
+                if set(numbers) - {"epoch"}:  # not the closing summary line, which would hide the last loss
+                    progress.publish(self.ws, state.global_step, state.max_steps, numbers)
 
 
 def train_with_resume(trainer: Any, ws: Workspace, stopper: StopOnSigterm) -> Any:
