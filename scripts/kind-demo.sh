@@ -33,37 +33,8 @@ kind load docker-image "$trainer_image" "$operator_image" --name "$cluster"
 echo "kind-demo: MinIO for the artifacts"
 access_key="demo$(openssl rand -hex 6)"
 secret_key="$(openssl rand -hex 20)"
-kubectl create namespace "$s3_namespace" --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n "$s3_namespace" create secret generic minio-root \
-  --from-literal=MINIO_ROOT_USER="$access_key" --from-literal=MINIO_ROOT_PASSWORD="$secret_key" \
-  --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n "$s3_namespace" apply -f - <<'YAML'
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: minio}
-spec:
-  selector: {matchLabels: {app: minio}}
-  template:
-    metadata: {labels: {app: minio}}
-    spec:
-      containers:
-        - name: minio
-          image: quay.io/minio/minio:latest
-          args: [server, /data]
-          envFrom: [{secretRef: {name: minio-root}}]
-          ports: [{containerPort: 9000}]
-          readinessProbe: {httpGet: {path: /minio/health/ready, port: 9000}}
-          volumeMounts: [{name: data, mountPath: /data}]
-      volumes: [{name: data, emptyDir: {}}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: minio}
-spec:
-  selector: {app: minio}
-  ports: [{port: 9000, targetPort: 9000}]
-YAML
-kubectl -n "$s3_namespace" rollout restart deployment/minio  # fresh credentials on a reused cluster
+source "$repo/scripts/kind-minio.sh"
+deploy_minio "$s3_namespace" "$access_key" "$secret_key"
 kubectl -n "$s3_namespace" rollout status deployment/minio --timeout=300s
 
 # The pipeline's namespace gets the credentials as a Secret; the bucket is made by a pod of the trainer image.

@@ -46,37 +46,8 @@ fi
 # S3 for the pods: MinIO in the cluster, with fresh credentials; the test process reaches it by port-forward.
 access_key="e2e$(openssl rand -hex 8)"
 secret_key="$(openssl rand -hex 20)"
-kubectl create namespace "$s3_namespace" --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n "$s3_namespace" create secret generic minio-root \
-  --from-literal=MINIO_ROOT_USER="$access_key" --from-literal=MINIO_ROOT_PASSWORD="$secret_key" \
-  --dry-run=client -o yaml | kubectl apply -f -
-kubectl -n "$s3_namespace" apply -f - <<'EOF'
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: minio}
-spec:
-  selector: {matchLabels: {app: minio}}
-  template:
-    metadata: {labels: {app: minio}}
-    spec:
-      containers:
-        - name: minio
-          image: quay.io/minio/minio:latest
-          args: [server, /data]
-          envFrom: [{secretRef: {name: minio-root}}]
-          ports: [{containerPort: 9000}]
-          readinessProbe: {httpGet: {path: /minio/health/ready, port: 9000}}
-          volumeMounts: [{name: data, mountPath: /data}]
-      volumes: [{name: data, emptyDir: {}}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: minio}
-spec:
-  selector: {app: minio}
-  ports: [{port: 9000, targetPort: 9000}]
-EOF
-kubectl -n "$s3_namespace" rollout restart deployment/minio  # picks up fresh credentials on a reused cluster
+source "$repo/scripts/kind-minio.sh"
+deploy_minio "$s3_namespace" "$access_key" "$secret_key"
 kubectl -n "$s3_namespace" rollout status deployment/minio --timeout=300s
 local_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 kubectl -n "$s3_namespace" port-forward --address 127.0.0.1 svc/minio "$local_port:9000" >/dev/null &
