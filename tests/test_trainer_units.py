@@ -85,6 +85,34 @@ def test_response_logprobs_match_plain_log_softmax(tiny_model_dir):
         torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_trainer.stages.sft import full_logits_trainer
+
+    tok = load_tokenizer(tiny_model_dir, ModelSpec(uri=tiny_model_dir.as_uri()))
+    tok.padding_side = "right"
+    rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+            for p, c in [("Review a heist film", "Slick and fun."), ("Review a ghost story", "Dull, slow and long.")]]
+    losses, accuracies = {}, {}
+    for name, cls in (("trl", SFTTrainer), ("full_logits", full_logits_trainer(SFTTrainer))):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.resize_token_embeddings(len(tok))
+        trainer = cls(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
+                      args=SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, report_to=[],
+                                     use_cpu=True))
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt and padding are masked
+        trainer.model.train()
+        with torch.no_grad():
+            losses[name] = trainer.compute_loss(trainer.model, batch)
+        accuracies[name] = trainer._metrics["train"]["mean_token_accuracy"][-1]
+    torch.testing.assert_close(losses["full_logits"], losses["trl"], atol=1e-5, rtol=1e-5)
+    assert accuracies["full_logits"] == pytest.approx(accuracies["trl"])
+
+
 def test_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir, ModelSpec(uri=tiny_model_dir.as_uri()))
     assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
