@@ -106,6 +106,24 @@ def test_sft_changes_the_weights(tiny_model_dir, tmp_path):
     assert after["model.embed_tokens.weight"].shape[0] == before["model.embed_tokens.weight"].shape[0] + 1  # <|pad|>
 
 
+def test_the_same_spec_twice_gives_the_same_checkpoints(tiny_model_dir, tmp_path):
+    """Weights a stage creates (the reward model's score head, the pad token's embedding row) are seeded."""
+    doc = tiny_pipeline(tiny_model_dir, "tiny-twice")
+    doc["spec"]["evaluate"] = {"enabled": False}
+    doc["spec"]["sft"]["maxSteps"] = doc["spec"]["reward"]["maxSteps"] = 1
+    parsed = parse_pipeline(doc)
+    digests = []
+    for run in ("first", "second"):
+        result = LocalRunner(parsed, tmp_path / run).run()
+        assert result.phase is PipelinePhase.SUCCEEDED, result.message
+        root = (tmp_path / run / "artifacts").as_uri()
+        digests.append({stage: {f.path: f.sha256 for f in read_manifest(
+            build_stage_config(parsed, stage, root).output_uri, open_store(root)).files if f.path.endswith(".safetensors")}
+            for stage in (Stage.SFT, Stage.REWARD)})
+    assert digests[0][Stage.REWARD] and digests[0][Stage.SFT]
+    assert digests[0] == digests[1]
+
+
 def run_cli(pipeline: Path, workdir: Path, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rlhf_operator.cli", "run", str(pipeline), "--workdir", str(workdir)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

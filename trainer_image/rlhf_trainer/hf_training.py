@@ -6,6 +6,7 @@
 * ``StopOnSigterm``: on SIGTERM (preemption, pod deletion) the Trainer saves a checkpoint at the end of the
   current step and stops; the CLI then exits with a retryable code.
 * ``JsonlLog``: the Trainer's log history as ``trainer_log.jsonl`` in the output, for curves.
+* ``seed_before_loading``: the stage's seed set before its model is created.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from rlhf_trainer.errors import Preempted
 from rlhf_trainer.workspace import Workspace
 
 LATEST = "latest.json"
+
+
+def seed_before_loading(seed: int) -> None:
+    """Seed Python, NumPy and torch before a stage creates its model, so that the weights it initialises (a
+    reward model's score head, embedding rows for an added pad token) are the same in every run of the same
+    spec. The Trainer seeds again before training (data order, dropout, LoRA adapters)."""
+    from transformers import set_seed
+
+    set_seed(seed)
 
 
 def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:

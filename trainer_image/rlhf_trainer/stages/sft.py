@@ -28,6 +28,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     base = ws.fetch_dir("model")
     tokenizer = models.load_tokenizer(base, ws.config.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation stages pad on the left
+    hf_training.seed_before_loading(settings.seed)
     model = models.load_causal_lm(base, ws.config.model, tokenizer, trained=True)
     chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
     train = Dataset.from_list(
