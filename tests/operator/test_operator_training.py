@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import boto3
@@ -135,6 +136,29 @@ def patch_spec(api, namespace: str, name: str, spec: dict) -> None:
                                                                 _content_type="application/merge-patch+json")
 
 
+class StepWatch(list):
+    """Steps seen in a stage's ``status.stages[].progress`` by a background poller (``stop`` ends it)."""
+
+    stop: threading.Event
+
+
+def watch_live_steps(entry, interval_s: float = 1.0) -> StepWatch:
+    seen = StepWatch()
+    seen.stop = threading.Event()
+
+    def poll() -> None:
+        while not seen.stop.wait(interval_s):
+            try:
+                step = ((entry() or {}).get("progress") or {}).get("step")
+            except Exception:  # noqa: BLE001 - a failed read is retried on the next tick
+                continue
+            if step is not None and (not seen or seen[-1] != step):
+                seen.append(step)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
+
+
 def checkpoint_step(s3, output_uri: str) -> int:
     raw = read_object(s3, output_uri + "/checkpoints/latest.json")
     return json.loads(raw)["global_step"] if raw else 0
@@ -158,6 +182,11 @@ def test_stage_lifecycle_suspend_resume_pod_deletion_config_error_and_deletion(
     eventually(lambda: (get_pipeline(k8s_api, k8s_namespace, "life").get("status") or {}).get("stages"), 120,
                "a status")
     job_name, output = sft()["jobName"], sft()["artifactUri"]
+    def running_sft() -> dict:
+        entry = sft()
+        return entry if entry["phase"] == "Running" else {}
+
+    live_steps = watch_live_steps(running_sft)
     eventually(lambda: checkpoint_step(pod_s3, output) >= 10, 300, "a first SFT checkpoint")
 
     # Suspend: the Job is suspended, its pod stops (checkpointing on SIGTERM), the pipeline is Suspended.
@@ -185,6 +214,10 @@ def test_stage_lifecycle_suspend_resume_pod_deletion_config_error_and_deletion(
     # SFT finishes; preferences fails fast on its configuration error (exit 78: FailJob, no retries).
     body = wait_phase(k8s_api, k8s_namespace, "life", "Failed", 600)
     assert stage_status(body, "sft")["phase"] == "Succeeded"
+    live_steps.stop.set()
+    # While it ran, the status showed the step the trainer had published (progress.json in the store).
+    assert [step for step in live_steps if step > 0], live_steps
+    assert max(live_steps) <= 120, live_steps  # maxSteps
     failed = stage_status(body, "preferences")
     assert failed["phase"] == "Failed" and "no-such-prompts" in failed["message"], failed
     [prefs_job] = [j for j in pipeline_jobs(k8s_api, k8s_namespace, "life")
