@@ -12,3 +12,21 @@ def tiny_model_dir(tmp_path_factory):
     from tiny_models import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-model"))
+
+
+PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _process_group_environment_restored():
+    """PPO's ``distributed.init`` exports RANK, WORLD_SIZE, LOCAL_RANK (and MASTER_*) for DeepSpeed, as a stage
+    process should; in-process tests must not pass them on (accelerate then expects a process group)."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in PROCESS_GROUP_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
