@@ -117,9 +117,10 @@ def test_the_same_spec_twice_gives_the_same_checkpoints(tiny_model_dir, tmp_path
         result = LocalRunner(parsed, tmp_path / run).run()
         assert result.phase is PipelinePhase.SUCCEEDED, result.message
         root = (tmp_path / run / "artifacts").as_uri()
-        digests.append({stage: {f.path: f.sha256 for f in read_manifest(
-            build_stage_config(parsed, stage, root).output_uri, open_store(root)).files if f.path.endswith(".safetensors")}
-            for stage in (Stage.SFT, Stage.REWARD)})
+        manifests = {stage: read_manifest(build_stage_config(parsed, stage, root).output_uri, open_store(root))
+                     for stage in (Stage.SFT, Stage.REWARD)}
+        digests.append({stage: {f.path: f.sha256 for f in manifest.files if f.path.endswith(".safetensors")}
+                        for stage, manifest in manifests.items()})
     assert digests[0][Stage.REWARD] and digests[0][Stage.SFT]
     assert digests[0] == digests[1]
 

@@ -182,6 +182,7 @@ def test_stage_lifecycle_suspend_resume_pod_deletion_config_error_and_deletion(
     eventually(lambda: (get_pipeline(k8s_api, k8s_namespace, "life").get("status") or {}).get("stages"), 120,
                "a status")
     job_name, output = sft()["jobName"], sft()["artifactUri"]
+
     def running_sft() -> dict:
         entry = sft()
         return entry if entry["phase"] == "Running" else {}
