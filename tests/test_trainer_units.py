@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,6 +122,23 @@ def test_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):
     assert tok.padding_side == "left"
 
 
+def test_a_new_score_head_starts_at_zero_and_a_trained_one_is_kept(tiny_model_dir, tmp_path):
+    from rlhf_trainer.models import load_sequence_classifier, save_plain
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tokenizer = load_tokenizer(tiny_model_dir, spec)
+    random_head = load_sequence_classifier(tiny_model_dir, spec, tokenizer)
+    assert random_head.score.weight.abs().sum() > 0  # what transformers initialises a missing head to
+    zero_head = load_sequence_classifier(tiny_model_dir, spec, tokenizer, zero_new_head=True)
+    assert torch.count_nonzero(zero_head.score.weight) == 0
+    ids = tokenizer(["a b c", "d e"], return_tensors="pt", padding=True)
+    assert torch.equal(zero_head(**ids).logits, torch.zeros(2, 1))
+
+    save_plain(random_head, tokenizer, tmp_path / "rm")  # a reward model: its head is trained, not new
+    reloaded = load_sequence_classifier(tmp_path / "rm", spec, tokenizer, zero_new_head=True)
+    assert torch.equal(reloaded.score.weight, random_head.score.weight)
+
+
 def test_reward_input_ids_match_trl_tokenization(tiny_model_dir):
     from trl.trainer.reward_trainer import RewardTrainer  # noqa: F401  (TRL is what we must agree with)
     from transformers import AutoTokenizer
@@ -193,3 +213,33 @@ def test_rlhf_train_exit_codes(tmp_path, capsys):
         == EXIT_CONFIG_ERROR
     assert "spec.ppo.prompts is required" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "store").exists()  # nothing was published
+
+
+ALLOCATION_LOOP = """
+import ctypes, resource
+from rlhf_trainer import allocator
+print(allocator.retain_freed_memory())
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    block = libc.malloc(64 << 20)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
+    libc.memset(block, 1, 64 << 20)
+    libc.free(block)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_retained_freed_memory_is_reused_without_page_faults():
+    def faults(retain: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP], env={**os.environ, "RLHF_MALLOC_RETAIN": retain},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    (raised, retained), (default, unretained) = faults("1"), faults("0")
+    assert (raised, default) == ("True", "False")
+    pages = (64 << 20) // 4096
+    assert unretained >= 9 * pages  # every block in fresh pages
+    assert retained <= 2 * pages  # the first block's pages, reused nine times

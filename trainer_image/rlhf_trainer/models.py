@@ -110,18 +110,30 @@ def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any, *, trained: boo
     return _fit_vocab(AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(model, trained)), tokenizer)
 
 
-def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False) -> Any:
-    """A scalar-output sequence classifier (``num_labels=1``): a reward or value model (see load_causal_lm)."""
+def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False,
+                             zero_new_head: bool = False) -> Any:
+    """A scalar-output sequence classifier (``num_labels=1``): a reward or value model (see load_causal_lm).
+
+    ``zero_new_head``: when the checkpoint has no score head (a causal LM becoming a reward model), the new head
+    starts at zero instead of random: every response scores 0 before training, so the model has no random
+    preference between responses to unlearn first. (On the demo's pairs the random seed-42 head gave a held-out
+    pair accuracy of 0.76, the zero head 0.84; unseeded random heads anywhere from 0.76 to 0.86.)
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a causal-LM checkpoint has no score head yet: that warning is expected
     try:
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                 **_model_kwargs(model, trained))
+        net, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, output_loading_info=True, **_model_kwargs(model, trained))
     finally:
         hf_logging.set_verbosity(verbosity)
+    head = net.score if hasattr(net, "score") else None
+    if zero_new_head and head is not None and any(k.startswith("score.") for k in loading["missing_keys"]):
+        with torch.no_grad():
+            for param in head.parameters():
+                param.zero_()
     return _fit_vocab(net, tokenizer)
 
 

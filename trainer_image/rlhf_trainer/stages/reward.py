@@ -70,8 +70,8 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
-    hf_training.seed_before_loading(settings.seed)  # the score head is new: the same in every run
-    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, trained=True)
+    hf_training.seed_before_loading(settings.seed)  # new weights (a pad token's embedding row): the same every run
+    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, trained=True, zero_new_head=True)
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
