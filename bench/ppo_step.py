@@ -49,7 +49,6 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     import torch
 
     from rlhf_operator.spec import ModelSpec, PPOSpec
-    from rlhf_trainer import allocator
     from rlhf_trainer.builtin_models import builtin_model_dir
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.ppo import distributed
@@ -57,7 +56,6 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     from rlhf_trainer.ppo.rollout import encode_prompts
     from rlhf_trainer.ppo.trainer import PPOTrainer
 
-    allocator.retain_freed_memory()  # as rlhf-train does at start-up
     config = CONFIGS[name]
     model_dir = builtin_model_dir(MODEL)
     spec = ModelSpec(uri=MODEL)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -214,32 +211,3 @@ def test_rlhf_train_exit_codes(tmp_path, capsys):
     assert "spec.ppo.prompts is required" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "store").exists()  # nothing was published
 
-
-ALLOCATION_LOOP = """
-import ctypes, resource
-from rlhf_trainer import allocator
-print(allocator.retain_freed_memory())
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes, libc.memset.argtypes = (ctypes.c_void_p,), (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    block = libc.malloc(64 << 20)  # 64 MiB: above glibc's largest dynamic mmap threshold (32 MiB)
-    libc.memset(block, 1, 64 << 20)
-    libc.free(block)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_retained_freed_memory_is_reused_without_page_faults():
-    def faults(retain: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP], env={**os.environ, "RLHF_MALLOC_RETAIN": retain},
-                             capture_output=True, text=True, check=True).stdout.split()
-        return out[0], int(out[1])
-
-    (raised, retained), (default, unretained) = faults("1"), faults("0")
-    assert (raised, default) == ("True", "False")
-    pages = (64 << 20) // 4096
-    assert unretained >= 9 * pages  # every block in fresh pages
-    assert retained <= 2 * pages  # the first block's pages, reused nine times

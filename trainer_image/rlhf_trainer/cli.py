@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from rlhf_operator.artifacts import ChecksumError, StoreError, publish
 from rlhf_operator.spec import Stage
 from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, StageConfig
-from rlhf_trainer import allocator
 from rlhf_trainer.errors import ConfigError, Preempted
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate the config, touch nothing, exit 0")
     args = parser.parse_args(argv)
     stage = Stage(args.stage)
-    allocator.retain_freed_memory()
 
     try:
         config = load_config(args.config, stage)
