@@ -210,4 +210,3 @@ def test_rlhf_train_exit_codes(tmp_path, capsys):
         == EXIT_CONFIG_ERROR
     assert "spec.ppo.prompts is required" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "store").exists()  # nothing was published
-
