@@ -107,7 +107,7 @@ def test_sft_changes_the_weights(tiny_model_dir, tmp_path):
 
 
 def test_the_same_spec_twice_gives_the_same_checkpoints(tiny_model_dir, tmp_path):
-    """Weights a stage creates (the reward model's score head, the pad token's embedding row) are seeded."""
+    """Weights a stage creates at random (the pad token's embedding row) are seeded."""
     doc = tiny_pipeline(tiny_model_dir, "tiny-twice")
     doc["spec"]["evaluate"] = {"enabled": False}
     doc["spec"]["sft"]["maxSteps"] = doc["spec"]["reward"]["maxSteps"] = 1

@@ -28,9 +28,9 @@ LATEST = "latest.json"
 
 
 def seed_before_loading(seed: int) -> None:
-    """Seed Python, NumPy and torch before a stage creates its model, so that the weights it initialises (a
-    reward model's score head, embedding rows for an added pad token) are the same in every run of the same
-    spec. The Trainer seeds again before training (data order, dropout, LoRA adapters)."""
+    """Seed Python, NumPy and torch before a stage creates its model, so that the weights it initialises at
+    random (embedding rows for an added pad token) are the same in every run of the same spec. The Trainer seeds
+    again before training (data order, dropout, LoRA adapters)."""
     from transformers import set_seed
 
     set_seed(seed)

@@ -129,7 +129,7 @@ def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, tr
             path, num_labels=1, output_loading_info=True, **_model_kwargs(model, trained))
     finally:
         hf_logging.set_verbosity(verbosity)
-    head = net.score if hasattr(net, "score") else None
+    head = getattr(net, "score", None)
     if zero_new_head and head is not None and any(k.startswith("score.") for k in loading["missing_keys"]):
         with torch.no_grad():
             for param in head.parameters():
