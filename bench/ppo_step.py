@@ -10,9 +10,10 @@ as the demo pipeline does (about 64 tokens: the template adds a default system p
 Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
 step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, and the load average
-(other work on the machine slows every figure).
+(other work on the machine slows every figure). Each process runs on tcmalloc where the machine has it, as the
+trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
-    scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...]
+    scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rlhf_operator.malloc import LIBRARY, with_tcmalloc
 
 CONFIGS = {
     "full-fp32": {"lora": False, "bf16": False},
@@ -88,6 +91,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
         "prompt_tokens": prompt_tokens,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "threads": torch.get_num_threads(),
+        "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
         "load_average": (load_before + os.getloadavg()[0]) / 2,
     }
 
@@ -99,6 +103,7 @@ def main() -> int:
     parser.add_argument("--chat-template", action="store_true", help="prompts in the chat template (demo format)")
     parser.add_argument("--accumulation", type=int, default=1, choices=(1, 2, 4, 8),
                         help="micro-batches per mini-batch (same gradient, less activation memory)")
+    parser.add_argument("--glibc", action="store_true", help="glibc's malloc, not tcmalloc")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -106,7 +111,8 @@ def main() -> int:
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = with_tcmalloc({**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                         "TOKENIZERS_PARALLELISM": "false", **({"RLHF_TCMALLOC": "0"} if args.glibc else {})})
     for name in names:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
@@ -120,7 +126,7 @@ def main() -> int:
         r = json.loads(results[0])
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
-              f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads "
+              f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']} "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "
               f"{time.monotonic() - started:.0f} s wall]", flush=True)

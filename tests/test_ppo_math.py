@@ -11,7 +11,7 @@ from rlhf_operator.spec import PPOGuardrails
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
-    entropy_from_logits,
+    entropy_from_logprobs,
     gae,
     kl_per_token,
     logprobs_from_logits,
@@ -60,13 +60,14 @@ def test_whitening_statistics_cover_every_process():
     close(masked_var(VALUES, MASK, reduce=lambda t: 2 * t), 28 / 15)  # 2 * 14/3 over 6 - 1
 
 
-def test_logprobs_and_entropy_match_log_softmax():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 11)
-    tokens = torch.randint(0, 11, (2, 3))
-    full = torch.log_softmax(logits, dim=-1)
-    close(logprobs_from_logits(logits, tokens), full.gather(-1, tokens[..., None])[..., 0], 1e-5)
-    close(entropy_from_logits(logits), -(full.exp() * full).sum(-1), 1e-5)
+def test_logprobs_and_entropy_by_hand():
+    """Logits log(1..4) are the distribution (0.1, 0.2, 0.3, 0.4); shifting logits changes neither quantity."""
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logits = torch.stack([probs.log(), probs.log() + 50.0]).unsqueeze(0)  # (1, 2, 4): the same row, shifted
+    tokens = torch.tensor([[2, 0]])
+    close(logprobs_from_logits(logits, tokens), [[math.log(0.3), math.log(0.1)]], 1e-5)
+    entropy = -sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4))  # 1.2799 nats
+    close(entropy_from_logprobs(torch.log_softmax(logits, dim=-1)), [[entropy, entropy]], 1e-5)
 
 
 def test_kl_estimators_by_hand():

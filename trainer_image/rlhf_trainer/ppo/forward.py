@@ -1,20 +1,20 @@
 """Forward passes over a batch of rollouts: log-probabilities of the responses, and values.
 
 Only the response positions are computed where it costs: the LM head runs on the R positions that predict
-response tokens, not on the prompt, and log-probabilities are gathered as ``logit - logsumexp``.
+response tokens, not on the prompt, and log-probabilities come from one fused ``log_softmax`` over them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.reward_scoring import reward_input_ids
-from rlhf_trainer.ppo.functional import entropy_from_logits, logprobs_from_logits
+from rlhf_trainer.ppo.functional import entropy_from_logprobs, gather_tokens
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
@@ -28,16 +28,42 @@ def causal_lm_parts(policy: Any) -> tuple[Any, Any]:
     Calling the parts keeps what wraps them in effect: LoRA layers live inside the body (and
     ``disable_adapter`` switches them), ZeRO-3 gathers parameters through hooks on every submodule.
     """
-    inner = policy.module if hasattr(policy, "module") and hasattr(policy, "backward") else policy  # DeepSpeed
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    inner = transformers_model(policy)
     return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+
+def transformers_model(net: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine or a peft model (or ``net`` itself)."""
+    inner = net.module if hasattr(net, "module") and hasattr(net, "backward") else net  # DeepSpeed
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+
+
+@contextmanager
+def attention_kernel(net: Any, implementation: str) -> Iterator[None]:
+    """Run ``net`` with another attention implementation for the duration (e.g. "sdpa" to decode with).
+
+    Detail: on CPU the trained models use eager attention, whose backward pass is the faster one there
+    (:func:`rlhf_trainer.models.load_causal_lm`); decoding is faster with SDPA, which neither repeats the
+    grouped key/value cache for every head nor writes out the attention weights at each new token.
+    """
+    inner = transformers_model(net)
+    before = getattr(inner.config, "_attn_implementation", None)
+    if before in (None, implementation) or not hasattr(inner, "set_attn_implementation"):
+        yield
+        return
+    inner.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
 
 
 def response_logits(policy: Any, batch: Rollout, temperature: float) -> torch.Tensor:
     """Next-token logits at each response position, divided by the sampling temperature.
 
     Detail: the log-probabilities PPO uses are those of the distribution the tokens were sampled from, so the
-    logits are scaled by the same temperature (1 for greedy decoding).
+    logits are scaled by the same temperature (1 for greedy decoding). The hidden states are divided before
+    the (bias-free) LM head instead: the same logits, scaled in a tensor V/H times smaller.
 
     Detail: the LM head runs on the R positions that predict response tokens, not the prompt, and on a
     contiguous copy of them: on a strided slice (what ``logits_to_keep`` hands it) ``matmul`` cannot fold the
@@ -51,8 +77,11 @@ def response_logits(policy: Any, batch: Rollout, temperature: float) -> torch.Te
     width = batch.responses.shape[1]
     body, head = causal_lm_parts(policy)
     hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
-    logits = head(hidden[:, -width - 1:-1].contiguous())
-    return logits.float() / (temperature if temperature > 0 else 1.0)
+    hidden = hidden[:, -width - 1:-1]
+    scale = temperature if temperature > 0 else 1.0
+    if getattr(getattr(head, "base_layer", head), "bias", None) is None and scale != 1.0:  # peft wraps
+        return head(hidden / scale).float()
+    return head(hidden.contiguous()).float() / scale
 
 
 def response_logprobs(policy: Any, batch: Rollout, temperature: float,
@@ -62,12 +91,12 @@ def response_logprobs(policy: Any, batch: Rollout, temperature: float,
     Returns:
         logprobs (B, R); entropy (B, R) without gradient, or None.
     """
-    logits = response_logits(policy, batch, temperature)
-    logprobs = logprobs_from_logits(logits, batch.responses) * batch.mask
+    logprobs_all = torch.log_softmax(response_logits(policy, batch, temperature), dim=-1)
+    logprobs = gather_tokens(logprobs_all, batch.responses) * batch.mask
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits)
+            entropy = entropy_from_logprobs(logprobs_all)
     return logprobs, entropy
 
 

@@ -79,10 +79,7 @@ def masked_whiten(
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token], computed as ``logit[token] - logsumexp(logits)``.
-
-    This never materialises a (B, R, V) log-softmax copy: only the chosen logit and one logsumexp per
-    position are kept (the backward pass still forms the softmax once, as it must).
+    """log softmax(logits)[token] for each position.
 
     Args:
         logits: (B, R, V), already divided by the sampling temperature.
@@ -91,22 +88,31 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     Returns:
         (B, R) float32 log-probabilities.
     """
-    logits = logits.float()
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    return gather_tokens(torch.log_softmax(logits.float(), dim=-1), tokens)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, ``logsumexp(l) - sum(softmax(l) * l)``.
+def gather_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each position's token from (B, R, V) log-probabilities.
+
+    Detail: ``log_softmax`` followed by this gather is one fused pass over the (B, R, V) logits forward and one
+    backward; ``logit[token] - logsumexp(logits)`` looks cheaper but makes four (max, subtract, exp, sum),
+    each writing a fresh (B, R, V) tensor, and more again in its backward pass.
+    """
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, ``-sum(p * log p)``, from its log-probabilities.
 
     Args:
-        logits: (B, R, V).
+        logprobs: (B, R, V) log-softmax output.
 
     Returns:
         (B, R).
     """
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    # A batched dot product per position: no (B, R, V) product tensor.
+    flat = logprobs.reshape(-1, 1, logprobs.shape[-1])
+    return -torch.bmm(flat.exp(), flat.transpose(1, 2)).reshape(logprobs.shape[:-1])
 
 
 # ------------------------------------------------------------------------------- responses and rewards

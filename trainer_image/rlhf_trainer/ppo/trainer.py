@@ -34,7 +34,13 @@ from rlhf_trainer.judges import Judge
 from rlhf_trainer.ppo import seeding
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
-from rlhf_trainer.ppo.forward import autocast, response_logprobs, response_values, reward_scores
+from rlhf_trainer.ppo.forward import (
+    attention_kernel,
+    autocast,
+    response_logprobs,
+    response_values,
+    reward_scores,
+)
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
     gae,
@@ -170,7 +176,8 @@ class PPOTrainer:
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         sampler = self.sampler.refreshed() if self.sampler else self.policy.model
-        with self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None):
+        with (self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None),
+              attention_kernel(sampler, "sdpa")):
             responses, logprobs = sample_responses(
                 sampler, queries, query_mask, s.generation, stop_token_id=self.stop_id, pad_token_id=self.pad_id,
                 generators=episode_generators(s.seed, episodes, self.device), interrupted=lambda: self.stop_requested)

@@ -1,0 +1,50 @@
+"""tcmalloc for the trainer processes, where the machine has it.
+
+PyTorch on CPU allocates every activation, gradient and logits tensor afresh from the C library. glibc serves
+blocks of these sizes with fresh pages (or its own mmap) far more often than with the ones just freed, so a
+training step pays hundreds of thousands of page faults and keeps the freed memory mapped. tcmalloc reuses
+freed blocks: measured with ``bench/ppo_step.py`` (demo model, fp32), minor page faults per PPO step fell from
+250-420 thousand to under 3 thousand, and LoRA's peak RSS from 3.8-4.0 GB to 3.0 GB. Intel's PyTorch CPU
+tuning guide recommends the same preload.
+
+The trainer image installs it and sets ``LD_PRELOAD`` itself; locally, ``scripts/fetch-tcmalloc`` (run by
+``scripts/in-venv``) unpacks Debian's package into the cache, and the local runner preloads it into every
+``rlhf-train`` process. ``RLHF_TCMALLOC=0`` turns it off; ``RLHF_TCMALLOC=/path/to/lib.so`` picks another.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LIBRARY = "libtcmalloc_minimal.so.4"
+SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-operator")) / "tcmalloc"
+
+
+def tcmalloc_path(env: dict[str, str] | None = None) -> Path | None:
+    """The tcmalloc library to preload, or None (turned off, or not on this machine)."""
+    choice = (env if env is not None else os.environ).get("RLHF_TCMALLOC", "")
+    if choice == "0":
+        return None
+    if choice:
+        return Path(choice) if Path(choice).is_file() else None
+    for directory in (*SYSTEM_DIRS, str(cache_dir())):
+        candidate = Path(directory) / LIBRARY
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def with_tcmalloc(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with tcmalloc first in ``LD_PRELOAD`` (unchanged when it is already there or not found)."""
+    library = tcmalloc_path(env)
+    preload = env.get("LD_PRELOAD", "")
+    if library is None or LIBRARY in preload:
+        return env
+    # tcmalloc reports allocations over 1 GiB on stderr; a model's weights are one, and not news
+    return {**env, "LD_PRELOAD": f"{library} {preload}".strip(),
+            "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": env.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))}
