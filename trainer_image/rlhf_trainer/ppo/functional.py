@@ -95,8 +95,8 @@ def gather_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The log-probability of each position's token from (B, R, V) log-probabilities.
 
     Detail: ``log_softmax`` followed by this gather is one fused pass over the (B, R, V) logits forward and one
-    backward; ``logit[token] - logsumexp(logits)`` looks cheaper but makes four (max, subtract, exp, sum),
-    each writing a fresh (B, R, V) tensor, and more again in its backward pass.
+    backward; ``logit[token] - logsumexp(logits)`` looks cheaper but makes four passes (max, subtract, exp,
+    sum), two of them writing a fresh (B, R, V) tensor, and more again in its backward pass.
     """
     return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
