@@ -111,8 +111,11 @@ def main() -> int:
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
-    env = with_tcmalloc({**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                         "TOKENIZERS_PARALLELISM": "false", **({"RLHF_TCMALLOC": "0"} if args.glibc else {})})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.glibc:  # also where LD_PRELOAD already names it (the trainer image)
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
+    else:
+        env = with_tcmalloc(env)
     for name in names:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
