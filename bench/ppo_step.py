@@ -115,7 +115,7 @@ def main() -> int:
     if args.glibc:  # also where LD_PRELOAD already names it (the trainer image)
         env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
     else:
-        env = with_tcmalloc(env)
+        env = with_tcmalloc({**env, "RLHF_TCMALLOC": env.get("RLHF_TCMALLOC", "1")})
     for name in names:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),

@@ -19,15 +19,16 @@ def test_preload_goes_first_once_and_can_be_turned_off(tmp_path):
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # weights are over 1 GiB: no stderr noise
     assert with_tcmalloc(env) == env  # already preloaded: unchanged
     assert "LD_PRELOAD" not in with_tcmalloc({"RLHF_TCMALLOC": "0"})
+    assert "LD_PRELOAD" not in with_tcmalloc({})  # opt-in
     assert "LD_PRELOAD" not in with_tcmalloc({"RLHF_TCMALLOC": str(tmp_path / "missing.so")})
 
 
 def test_trainer_processes_run_on_tcmalloc():
-    """A process started with the local runner's environment has tcmalloc mapped (scripts/fetch-tcmalloc put it
+    """With RLHF_TCMALLOC=1, a process started with the local runner's environment has tcmalloc mapped (scripts/fetch-tcmalloc put it
     in the cache, or the system has it)."""
-    if tcmalloc_path() is None:
+    if tcmalloc_path({"RLHF_TCMALLOC": "1"}) is None:
         pytest.skip("no tcmalloc on this machine and none fetched (scripts/fetch-tcmalloc needs apt-get)")
-    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=trainer_env(),
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=trainer_env() | with_tcmalloc({"RLHF_TCMALLOC": "1"}),
                           capture_output=True, text=True, check=True).stdout
     assert LIBRARY in maps
     assert "tcmalloc" not in subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"],
