@@ -23,14 +23,18 @@ def test_preload_goes_first_once_and_can_be_turned_off(tmp_path):
     assert "LD_PRELOAD" not in with_tcmalloc({"RLHF_TCMALLOC": str(tmp_path / "missing.so")})
 
 
-def test_trainer_processes_run_on_tcmalloc():
-    """With RLHF_TCMALLOC=1, a process started with the local runner's environment has tcmalloc mapped (scripts/fetch-tcmalloc put it
-    in the cache, or the system has it)."""
+def test_trainer_processes_run_on_tcmalloc_when_asked(monkeypatch):
+    """With RLHF_TCMALLOC=1, a process started with the local runner's environment has tcmalloc mapped
+    (scripts/fetch-tcmalloc put it in the cache, or the system has it); without it, glibc's malloc."""
     if tcmalloc_path({"RLHF_TCMALLOC": "1"}) is None:
         pytest.skip("no tcmalloc on this machine and none fetched (scripts/fetch-tcmalloc needs apt-get)")
-    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=trainer_env() | with_tcmalloc({"RLHF_TCMALLOC": "1"}),
-                          capture_output=True, text=True, check=True).stdout
-    assert LIBRARY in maps
-    assert "tcmalloc" not in subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"],
-                                            env=trainer_env() | {"LD_PRELOAD": ""}, capture_output=True,
-                                            text=True, check=True).stdout
+
+    def mapped_libraries() -> str:
+        return subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=trainer_env(),
+                              capture_output=True, text=True, check=True).stdout
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("RLHF_TCMALLOC", "1")
+    assert LIBRARY in mapped_libraries()
+    monkeypatch.delenv("RLHF_TCMALLOC")
+    assert "tcmalloc" not in mapped_libraries()
