@@ -11,7 +11,7 @@ Each configuration runs in its own process (peak RSS is per process): full fine-
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
 step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, and the load average
 (other work on the machine slows every figure). Each process runs on tcmalloc where the machine has it, as the
-trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
+trainer does with ``RLHF_TCMALLOC=1`` (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
 """
