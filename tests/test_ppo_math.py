@@ -11,10 +11,9 @@ from rlhf_operator.spec import PPOGuardrails
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
-    entropy_from_logprobs,
     gae,
     kl_per_token,
-    logprobs_from_logits,
+    logprobs_and_entropy,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -65,9 +64,11 @@ def test_logprobs_and_entropy_by_hand():
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     logits = torch.stack([probs.log(), probs.log() + 50.0]).unsqueeze(0)  # (1, 2, 4): the same row, shifted
     tokens = torch.tensor([[2, 0]])
-    close(logprobs_from_logits(logits, tokens), [[math.log(0.3), math.log(0.1)]], 1e-5)
-    entropy = -sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4))  # 1.2799 nats
-    close(entropy_from_logprobs(torch.log_softmax(logits, dim=-1)), [[entropy, entropy]], 1e-5)
+    logprobs, entropy = logprobs_and_entropy(logits, tokens, with_entropy=True)
+    close(logprobs, [[math.log(0.3), math.log(0.1)]], 1e-5)
+    by_hand = -sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4))  # 1.2799 nats
+    close(entropy, [[by_hand, by_hand]], 1e-5)
+    assert logprobs_and_entropy(logits, tokens)[1] is None
 
 
 def test_kl_estimators_by_hand():

@@ -20,12 +20,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rlhf_operator.cache import cache_root
+
 LIBRARY = "libtcmalloc_minimal.so.4"
 SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-operator")) / "tcmalloc"
+    """Where ``scripts/fetch-tcmalloc`` unpacks the library."""
+    return cache_root() / "tcmalloc"
 
 
 def tcmalloc_path(env: dict[str, str] | None = None) -> Path | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from rlhf_operator.cache import cache_root
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build-binaries.sh"
@@ -30,14 +31,14 @@ def versions() -> dict[str, str]:
     return pairs
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-operator")) / "bin"
+def bin_root() -> Path:
+    return cache_root() / "bin"
 
 
 def component_dir(component: str) -> Path:
     """``<cache>/bin/<component>-<version>``: where the component's binaries are (or will be) built."""
     key, _ = COMPONENTS[component]
-    return cache_root() / f"{component}-{versions()[key]}"
+    return bin_root() / f"{component}-{versions()[key]}"
 
 
 def is_built(component: str) -> bool:

@@ -9,7 +9,6 @@ under the cache (``RLHF_CACHE_DIR``, default ``~/.cache/rlhf-operator``). Every 
 from __future__ import annotations
 
 import fcntl
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_operator.cache import cache_root
 from rlhf_trainer.errors import ConfigError
 
 
@@ -33,17 +33,13 @@ BUILTIN_MODELS: dict[str, PypiGguf] = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-operator"))
-
-
 def builtin_model_dir(uri: str) -> Path:
     """Local safetensors folder of a builtin model, converting it on first use (a lock guards concurrent runs)."""
     name = uri.removeprefix("builtin://").strip("/")
     if name not in BUILTIN_MODELS:
         raise ConfigError(f"unknown builtin model {uri!r}: known are {', '.join(f'builtin://{n}' for n in BUILTIN_MODELS)}")
     source = BUILTIN_MODELS[name]
-    target = cache_dir() / "models" / f"{name}-{source.version}"
+    target = cache_root() / "models" / f"{name}-{source.version}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

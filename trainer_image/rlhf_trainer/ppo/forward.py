@@ -14,7 +14,7 @@ import torch
 
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.reward_scoring import reward_input_ids
-from rlhf_trainer.ppo.functional import entropy_from_logprobs, gather_tokens
+from rlhf_trainer.ppo.functional import logprobs_and_entropy
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
@@ -91,12 +91,9 @@ def response_logprobs(policy: Any, batch: Rollout, temperature: float,
     Returns:
         logprobs (B, R); entropy (B, R) without gradient, or None.
     """
-    logprobs_all = torch.log_softmax(response_logits(policy, batch, temperature), dim=-1)
-    logprobs = gather_tokens(logprobs_all, batch.responses) * batch.mask
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logprobs(logprobs_all)
+    logprobs, entropy = logprobs_and_entropy(response_logits(policy, batch, temperature), batch.responses,
+                                             with_entropy)
+    logprobs = logprobs * batch.mask
     return logprobs, entropy
 
 

@@ -78,17 +78,26 @@ def masked_whiten(
 # ------------------------------------------------------------------------------ log-probs and entropy
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] for each position.
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits)[token] at each position, and optionally the entropy of each position's distribution.
+
+    One ``log_softmax`` serves both: the entropy is read from the same (B, R, V) log-probabilities, without
+    gradient (it is a diagnostic, not part of the loss).
 
     Args:
         logits: (B, R, V), already divided by the sampling temperature.
         tokens: (B, R) token ids.
 
     Returns:
-        (B, R) float32 log-probabilities.
+        logprobs (B, R) float32; entropy (B, R) or None.
     """
-    return gather_tokens(torch.log_softmax(logits.float(), dim=-1), tokens)
+    logprobs_all = torch.log_softmax(logits.float(), dim=-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logprobs(logprobs_all)
+    return gather_tokens(logprobs_all, tokens), entropy
 
 
 def gather_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
