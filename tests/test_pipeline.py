@@ -37,7 +37,8 @@ def tiny_pipeline(model_dir: Path, name: str, storage: dict | None = None) -> di
         "preferences": {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 16},
                         "numSamplesPerPrompt": 4, "minScoreMargin": 0.0, "generation": gen},
         "reward": {"evalFraction": 0.25, **train, "maxLength": 160},
-        "evaluate": {"prompts": {"uri": "builtin://movie-reviews/prompts-eval", "limit": 6}, "generation": gen},
+        "evaluate": {"prompts": {"uri": "builtin://movie-reviews/prompts-eval", "limit": 6}, "generation": gen,
+                     "samplesPerPrompt": 2},
     }
     if storage:
         spec["storage"] = storage
@@ -80,6 +81,11 @@ def test_pipeline_on_s3_runs_then_rerun_skips(tiny_model_dir, s3_env, s3_server,
     assert not store.list(sft_config.output_uri + "/checkpoints/")  # deleted once the output was published
     evaluation = first.reports[Stage.EVALUATE].metrics
     assert -1.0 <= evaluation["sft/judge_mean"] <= 1.0 and "sft/rm_mean" in evaluation
+    assert evaluation["prompts"] == 6 and evaluation["samples_per_prompt"] == 2
+    eval_config = build_stage_config(doc, Stage.EVALUATE, s3_env)
+    answers = [json.loads(line) for line in
+               store.read_bytes(eval_config.output_uri + "/samples.jsonl").decode().splitlines()]
+    assert len(answers) == 12 and [a["prompt"] for a in answers[::2]] == [a["prompt"] for a in answers[1::2]]
 
     rerun = LocalRunner(doc, tmp_path / "work").run()
     assert rerun.phase is PipelinePhase.SUCCEEDED

@@ -669,6 +669,12 @@ class EvaluateSpec(StageCommon):
         description="prompts, required unless the stage is disabled: held-out prompts ('prompt' field).",
     )
     batch_size: int = Field(32, ge=1, description="batchSize, optional: prompts per generation batch.")
+    samples_per_prompt: int = Field(
+        1, ge=1,
+        description="samplesPerPrompt, optional: responses each model samples per prompt. The win rate compares "
+        "the policy's i-th response with pi_SFT's i-th; more samples make every figure steadier (the win "
+        "rate's standard error falls as 1/sqrt(prompts x samples)) at proportional cost.",
+    )
     generation: GenerationSpec = Field(
         default_factory=lambda: GenerationSpec(max_new_tokens=48, temperature=0.7),
         description="generation, optional: sampling settings for both models.",

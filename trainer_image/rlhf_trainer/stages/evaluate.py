@@ -1,9 +1,9 @@
 """Stage 5, evaluation on held-out prompts: pi_SFT (the reference) against the aligned policy.
 
-Both models answer every held-out prompt with the same sampling settings and seed. Reported per model:
-gold-judge mean, reward-model mean (when a reward model exists), mean response length, EOS rate; and for the
-policy: its win rate against pi_SFT under the gold judge (ties count half) and the mean per-token KL to the
-reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
+Both models answer every held-out prompt (``samplesPerPrompt`` times) with the same sampling settings and seed.
+Reported per model: gold-judge mean, reward-model mean (when a reward model exists), mean response length, EOS
+rate; and for the policy: its win rate against pi_SFT under the gold judge (ties count half) and the mean per-
+token KL to the reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
 
 Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, ``samples.jsonl``, and
 ``evaluation.png`` (judge-score histograms plus every training curve the earlier stages logged).
@@ -53,7 +53,7 @@ def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None)
 
 def run(ws: Workspace) -> dict[str, Any]:
     settings: EvaluateSpec = ws.config.stage_settings()  # type: ignore[assignment]
-    prompts = load_prompts(settings.prompts, ws)
+    prompts = [p for p in load_prompts(settings.prompts, ws) for _ in range(settings.samples_per_prompt)]
     dev = models.device()
     spec = ws.config.model
     judge = make_judge(settings.judge.type)
@@ -86,7 +86,9 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     for name, out in samples.items():
         results[name] = summarize(out, judge_scores[name], rm_scores.get(name))
-    metrics: dict[str, Any] = {"prompts": len(prompts), **{f"sft/{k}": v for k, v in results["sft"].items()}}
+    metrics: dict[str, Any] = {"prompts": len(prompts) // settings.samples_per_prompt,
+                               "samples_per_prompt": settings.samples_per_prompt,
+                               **{f"sft/{k}": v for k, v in results["sft"].items()}}
     if "policy" in samples:
         pad = tokenizer.pad_token_id
         kl = mean_kl_per_token(response_logprobs(policy_model, samples["policy"], pad),
