@@ -11,7 +11,7 @@ Each configuration runs in its own process (peak RSS is per process): full fine-
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
 step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, and the load average
 (other work on the machine slows every figure). Each process runs on tcmalloc where the machine has it, as the
-trainer does with ``RLHF_TCMALLOC=1`` (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
+trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
 """
@@ -115,7 +115,7 @@ def main() -> int:
     if args.glibc:  # also where LD_PRELOAD already names it (the trainer image)
         env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
     else:
-        env = with_tcmalloc({**env, "RLHF_TCMALLOC": env.get("RLHF_TCMALLOC", "1")})
+        env = with_tcmalloc(env)
     for name in names:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),

@@ -19,14 +19,13 @@ def test_preload_goes_first_once_and_can_be_turned_off(tmp_path):
     assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40  # weights are over 1 GiB: no stderr noise
     assert with_tcmalloc(env) == env  # already preloaded: unchanged
     assert "LD_PRELOAD" not in with_tcmalloc({"RLHF_TCMALLOC": "0"})
-    assert "LD_PRELOAD" not in with_tcmalloc({})  # opt-in
     assert "LD_PRELOAD" not in with_tcmalloc({"RLHF_TCMALLOC": str(tmp_path / "missing.so")})
 
 
-def test_trainer_processes_run_on_tcmalloc_when_asked(monkeypatch):
-    """With RLHF_TCMALLOC=1, a process started with the local runner's environment has tcmalloc mapped
-    (scripts/fetch-tcmalloc put it in the cache, or the system has it); without it, glibc's malloc."""
-    if tcmalloc_path({"RLHF_TCMALLOC": "1"}) is None:
+def test_trainer_processes_run_on_tcmalloc_unless_turned_off(monkeypatch):
+    """A process started with the local runner's environment has tcmalloc mapped (scripts/fetch-tcmalloc put it
+    in the cache, or the system has it); with RLHF_TCMALLOC=0, glibc's malloc."""
+    if tcmalloc_path({}) is None:
         pytest.skip("no tcmalloc on this machine and none fetched (scripts/fetch-tcmalloc needs apt-get)")
 
     def mapped_libraries() -> str:
@@ -34,7 +33,7 @@ def test_trainer_processes_run_on_tcmalloc_when_asked(monkeypatch):
                               capture_output=True, text=True, check=True).stdout
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setenv("RLHF_TCMALLOC", "1")
+    monkeypatch.delenv("RLHF_TCMALLOC", raising=False)
     assert LIBRARY in mapped_libraries()
-    monkeypatch.delenv("RLHF_TCMALLOC")
+    monkeypatch.setenv("RLHF_TCMALLOC", "0")
     assert "tcmalloc" not in mapped_libraries()

@@ -24,7 +24,12 @@ from rlhf_trainer import models as hf_models
 pytestmark = pytest.mark.slow
 
 EXIT_PREEMPTED = 143
-DETERMINISTIC = ("time/", "throughput/", "lr/")  # wall-clock figures differ from run to run
+WALL_CLOCK = ("time/", "throughput/", "lr/")  # figures that differ from run to run
+# Clip fractions count threshold decisions, one per response token and PPO epoch. A token sitting on a clip
+# boundary can fall on either side in two processes whose sums differ in the last bit; one such flip was seen in
+# CI (val/clipfrac 0.2000 against 0.2125 of 80 decisions, every other metric equal to 1e-5), so these may differ
+# by one decision.
+DECISION_COUNTS = ("policy/clipfrac", "val/clipfrac")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def steps(path: Path) -> list[dict]:
 
 
 def comparable(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if not k.startswith(DETERMINISTIC)}
+    return {k: v for k, v in entry.items() if not k.startswith(WALL_CLOCK) and k not in DECISION_COUNTS}
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tmp_path):
@@ -124,6 +129,9 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     assert [e["step"] for e in resumed] == [1, 2, 3, 4, 5, 6]
     for got, want in zip(resumed, expected):
         assert comparable(got) == pytest.approx(comparable(want), rel=1e-5, abs=1e-6), got["step"]
+        decisions = want["response/length"] * 4 * 2  # batchSize x numPpoEpochs
+        for key in DECISION_COUNTS:
+            assert got[key] == pytest.approx(want[key], abs=1 / decisions + 1e-6), (got["step"], key)
 
 
 def free_port() -> int:

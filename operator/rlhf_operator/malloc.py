@@ -7,12 +7,14 @@ freed blocks: measured with ``bench/ppo_step.py`` (demo model, fp32), minor page
 250-420 thousand to under 3 thousand, and LoRA's peak RSS from 3.8-4.0 GB to 3.0 GB. Intel's PyTorch CPU
 tuning guide recommends the same preload.
 
-Opt-in for now: ``RLHF_TCMALLOC=1`` makes the local runner preload it into every ``rlhf-train`` process (found
-on the system or unpacked into the cache by ``scripts/fetch-tcmalloc``, which ``scripts/in-venv`` runs);
-``RLHF_TCMALLOC=/path/to/lib.so`` picks another; unset or ``0`` leaves glibc's malloc. ``bench/ppo_step.py``
-uses it unless ``--glibc``. Not the default yet: the resume-exactness test of the PPO stage failed once in
-three CI runs after it was switched on (one value-clip decision differed between two processes at step 1),
-and the cause is not established.
+The local runner preloads it into every ``rlhf-train`` process where it is found (on the system, or unpacked
+into the cache by ``scripts/fetch-tcmalloc``, which ``scripts/in-venv`` runs); ``RLHF_TCMALLOC=0`` leaves
+glibc's malloc, ``RLHF_TCMALLOC=/path/to/lib.so`` picks another library. ``bench/ppo_step.py`` uses it unless
+``--glibc``; the trainer image installs it and preloads it.
+
+(It was opt-in for a while: a resume-exactness test failed once in CI while it was the runner's default. That
+test starts its trainer processes with the test's own environment, never the runner's, so they ran on glibc:
+the failure was not tcmalloc's. See ``tests/test_ppo_stage.py`` for what it was.)
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ def cache_dir() -> Path:
 def tcmalloc_path(env: dict[str, str] | None = None) -> Path | None:
     """The tcmalloc library to preload, or None (turned off, or not on this machine)."""
     choice = (env if env is not None else os.environ).get("RLHF_TCMALLOC", "")
-    if choice in ("", "0"):
+    if choice == "0":
         return None
-    if choice != "1":
+    if choice not in ("", "1"):
         return Path(choice) if Path(choice).is_file() else None
     for directory in (*SYSTEM_DIRS, str(cache_dir())):
         candidate = Path(directory) / LIBRARY
