@@ -70,19 +70,23 @@ def test_pad_samples_left_pads_and_marks_responses():
     assert response.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
 
 
-def test_response_logprobs_match_plain_log_softmax(tiny_model_dir):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_response_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
+    """Log-probabilities of the temperature-scaled distribution, as sampling at that temperature draws from."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     samples = [Sample("a", [3, 4, 5], [6, 7], "", False), Sample("b", [8], [9, 10, 11], "", False)]
-    got = response_logprobs(model, samples, pad_id=0)
+    got = response_logprobs(model, samples, pad_id=0, temperature=temperature)
     for sample, logps in zip(samples, got):  # one unpadded sequence at a time, full log_softmax
         seq = torch.tensor([sample.prompt_ids + sample.response_ids])
         with torch.no_grad():
-            full = torch.log_softmax(model(seq).logits[0, :-1].float(), dim=-1)
+            full = torch.log_softmax(model(seq).logits[0, :-1].float() / temperature, dim=-1)
         targets = seq[0, 1:]
         expected = full.gather(-1, targets[:, None])[:, 0][-len(sample.response_ids):]
         torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
+    if temperature != 1.0:  # the scaling is not a no-op on this model
+        assert not torch.allclose(got[0], response_logprobs(model, samples, pad_id=0)[0], atol=1e-3)
 
 
 def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):

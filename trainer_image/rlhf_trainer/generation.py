@@ -112,15 +112,18 @@ def pad_samples(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, t
 
 
 @torch.inference_mode()
-def response_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16) -> list[torch.Tensor]:
-    """Log-probability of each response token under ``model``: one 1-D tensor per sample."""
+def response_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
+                      temperature: float = 1.0) -> list[torch.Tensor]:
+    """Log-probability of each response token under ``model`` sampling at ``temperature`` (its logits divided by
+    it; 0, greedy decoding, counts as 1): one 1-D tensor per sample."""
+    scale = temperature if temperature > 0 else 1.0
     dev = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         ids, attention, response = (t.to(dev) for t in pad_samples(chunk, pad_id))
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float() / scale
         targets = ids[:, 1:]
         # log softmax at the chosen token only: logit - logsumexp, without a full-vocabulary log_softmax copy
         token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

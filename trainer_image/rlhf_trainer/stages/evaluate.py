@@ -5,6 +5,10 @@ Reported per model: gold-judge mean, reward-model mean (when a reward model exis
 rate; and for the policy: its win rate against pi_SFT under the gold judge (ties count half) and the mean per-
 token KL to the reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
 
+Detail: the KL is that of the distributions the responses were sampled from: both models' logits divided by the
+sampling temperature, as PPO's rollouts and its ``objective/kl`` use them. (Log-probabilities at temperature 1
+on responses sampled at another temperature estimate no KL at all: the samples come from a third distribution.)
+
 Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, ``samples.jsonl``, and
 ``evaluation.png`` (judge-score histograms plus every training curve the earlier stages logged).
 """
@@ -91,8 +95,9 @@ def run(ws: Workspace) -> dict[str, Any]:
                                **{f"sft/{k}": v for k, v in results["sft"].items()}}
     if "policy" in samples:
         pad = tokenizer.pad_token_id
-        kl = mean_kl_per_token(response_logprobs(policy_model, samples["policy"], pad),
-                               response_logprobs(ref_model, samples["policy"], pad))
+        temperature = settings.generation.temperature
+        kl = mean_kl_per_token(response_logprobs(policy_model, samples["policy"], pad, temperature=temperature),
+                               response_logprobs(ref_model, samples["policy"], pad, temperature=temperature))
         metrics.update({f"policy/{k}": v for k, v in results["policy"].items()})
         metrics["policy/win_rate_vs_sft"] = win_rate(judge_scores["policy"], judge_scores["sft"])
         metrics["policy/judge_gain"] = results["policy"]["judge_mean"] - results["sft"]["judge_mean"]
