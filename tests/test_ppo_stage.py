@@ -24,7 +24,7 @@ from rlhf_trainer import models as hf_models
 pytestmark = pytest.mark.slow
 
 EXIT_PREEMPTED = 143
-WALL_CLOCK = ("time/", "throughput/", "lr/")  # figures that differ from run to run
+NOT_COMPARED = ("time/", "throughput/", "lr/")  # wall-clock figures, and the learning rates
 # Clip fractions count threshold decisions, one per response token and PPO epoch. A token sitting on a clip
 # boundary can fall on either side in two processes whose sums differ in the last bit; one such flip was seen in
 # CI (val/clipfrac 0.2000 against 0.2125 of 80 decisions, every other metric equal to 1e-5), so these may differ
@@ -81,7 +81,7 @@ def steps(path: Path) -> list[dict]:
 
 
 def comparable(entry: dict) -> dict:
-    return {k: v for k, v in entry.items() if not k.startswith(WALL_CLOCK) and k not in DECISION_COUNTS}
+    return {k: v for k, v in entry.items() if not k.startswith(NOT_COMPARED) and k not in DECISION_COUNTS}
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tmp_path):

@@ -6,8 +6,9 @@ rate; and for the policy: its win rate against pi_SFT under the gold judge (ties
 token KL to the reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
 
 Detail: the KL is that of the distributions the responses were sampled from: both models' logits divided by the
-sampling temperature, as PPO's rollouts and its ``objective/kl`` use them. (Log-probabilities at temperature 1
-on responses sampled at another temperature estimate no KL at all: the samples come from a third distribution.)
+sampling temperature, as PPO's rollouts and its ``objective/kl`` use them. (Temperature-1 log-probabilities on
+responses sampled at another temperature estimate neither that KL nor the temperature-1 one, which would need
+responses sampled at temperature 1.)
 
 Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, ``samples.jsonl``, and
 ``evaluation.png`` (judge-score histograms plus every training curve the earlier stages logged).
