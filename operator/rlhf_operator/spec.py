@@ -668,7 +668,10 @@ class EvaluateSpec(StageCommon):
         None,
         description="prompts, required unless the stage is disabled: held-out prompts ('prompt' field).",
     )
-    batch_size: int = Field(32, ge=1, description="batchSize, optional: prompts per generation batch.")
+    batch_size: int = Field(
+        32, ge=1, description="batchSize, optional: answers per generation batch (each prompt counts "
+        "samplesPerPrompt times).",
+    )
     samples_per_prompt: int = Field(
         1, ge=1,
         description="samplesPerPrompt, optional: responses each model samples per prompt. The win rate compares "
