@@ -35,6 +35,11 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
     return prompt
 
 
+def logit_scale(temperature: float) -> float:
+    """What sampling at ``temperature`` divides the logits by: the temperature, or 1 for greedy decoding (0)."""
+    return temperature if temperature > 0 else 1.0
+
+
 def generation_config(gen: GenerationSpec, tokenizer: Any) -> Any:
     from transformers import GenerationConfig
 
@@ -116,14 +121,16 @@ def response_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_
                       temperature: float = 1.0) -> list[torch.Tensor]:
     """Log-probability of each response token under ``model`` sampling at ``temperature`` (its logits divided by
     it; 0, greedy decoding, counts as 1): one 1-D tensor per sample."""
-    scale = temperature if temperature > 0 else 1.0
+    scale = logit_scale(temperature)
     dev = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         ids, attention, response = (t.to(dev) for t in pad_samples(chunk, pad_id))
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float() / scale
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float()
+        if scale != 1.0:
+            logits = logits / scale
         targets = ids[:, 1:]
         # log softmax at the chosen token only: logit - logsumexp, without a full-vocabulary log_softmax copy
         token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)

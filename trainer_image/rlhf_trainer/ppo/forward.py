@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rlhf_trainer.generation import logit_scale
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.reward_scoring import reward_input_ids
 from rlhf_trainer.ppo.functional import logprobs_and_entropy
@@ -78,8 +79,10 @@ def response_logits(policy: Any, batch: Rollout, temperature: float) -> torch.Te
     body, head = causal_lm_parts(policy)
     hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
     hidden = hidden[:, -width - 1:-1]
-    scale = temperature if temperature > 0 else 1.0
-    if getattr(getattr(head, "base_layer", head), "bias", None) is None and scale != 1.0:  # peft wraps
+    scale = logit_scale(temperature)
+    if scale == 1.0:
+        return head(hidden.contiguous()).float()
+    if getattr(getattr(head, "base_layer", head), "bias", None) is None:  # peft wraps
         return head(hidden / scale).float()
     return head(hidden.contiguous()).float() / scale
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rlhf_operator.spec import GenerationSpec
-from rlhf_trainer.generation import format_prompt
+from rlhf_trainer.generation import format_prompt, logit_scale
 from rlhf_trainer.ppo.seeding import generator
 
 
@@ -144,7 +144,7 @@ def sample_responses(
         row's stop token) and their log-probabilities (B, R), 0 on padding.
     """
     warpers = _warpers(gen)
-    scale = gen.temperature if gen.temperature > 0 else 1.0
+    scale = logit_scale(gen.temperature)
     mask = query_mask.clone()
     positions = position_ids(mask)
     out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)

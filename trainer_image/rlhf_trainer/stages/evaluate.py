@@ -58,7 +58,8 @@ def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None)
 
 def run(ws: Workspace) -> dict[str, Any]:
     settings: EvaluateSpec = ws.config.stage_settings()  # type: ignore[assignment]
-    prompts = [p for p in load_prompts(settings.prompts, ws) for _ in range(settings.samples_per_prompt)]
+    held_out = load_prompts(settings.prompts, ws)
+    prompts = [p for p in held_out for _ in range(settings.samples_per_prompt)]
     dev = models.device()
     spec = ws.config.model
     judge = make_judge(settings.judge.type)
@@ -91,7 +92,7 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     for name, out in samples.items():
         results[name] = summarize(out, judge_scores[name], rm_scores.get(name))
-    metrics: dict[str, Any] = {"prompts": len(prompts) // settings.samples_per_prompt,
+    metrics: dict[str, Any] = {"prompts": len(held_out),
                                "samples_per_prompt": settings.samples_per_prompt,
                                **{f"sft/{k}": v for k, v in results["sft"].items()}}
     if "policy" in samples:
