@@ -1,7 +1,9 @@
 """PPO step time and peak memory on the demo model, on this machine's CPU.
 
 SmolLM2-135M-Instruct is the policy and the reference; a sequence classifier on the same weights (score head
-initialised from a fixed seed) is the reward and the value model. 8 prompts of the movie-review demo (about 35
+initialised from a fixed seed) is the reward and the value model. Both are saved once as the earlier stages
+save pi_SFT and R_phi (the tokenizer's own pad token added, plain safetensors checkpoints; cached), so PPO
+loads them as it loads a pipeline's. 8 prompts of the movie-review demo (about 35
 tokens of text; more with the chat template, as the pipeline sends them), 32-token responses (the stop token is
 one the model does not produce, so every response has the full length), 1 PPO epoch, 1 mini-batch.
 Prompts are the plain prompt text (about 35 tokens); ``--chat-template`` wraps them in SmolLM2's chat template
@@ -39,6 +41,28 @@ CONFIGS = {
 MODEL = "builtin://smollm2-135m-instruct"
 
 
+def stage_checkpoints() -> tuple[Path, Path]:
+    """pi_SFT and R_phi folders made from the demo model as the SFT and reward stages write theirs (once)."""
+    import torch
+
+    from rlhf_operator.cache import cache_root
+    from rlhf_operator.spec import ModelSpec
+    from rlhf_trainer import models as hf_models
+    from rlhf_trainer.builtin_models import builtin_model_dir
+
+    model_dir = builtin_model_dir(MODEL)
+    root = cache_root() / "bench" / model_dir.name
+    sft, rm = root / "sft", root / "rm"
+    if not (root / ".complete").exists():
+        spec = ModelSpec(uri=MODEL)
+        tokenizer = hf_models.load_tokenizer(model_dir, spec)
+        hf_models.save_plain(hf_models.load_causal_lm(model_dir, spec, tokenizer), tokenizer, sft)
+        torch.manual_seed(0)  # the score head's initialisation
+        hf_models.save_plain(hf_models.load_sequence_classifier(sft, spec, tokenizer), tokenizer, rm)
+        (root / ".complete").touch()
+    return sft, rm
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -52,7 +76,6 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     import torch
 
     from rlhf_operator.spec import ModelSpec, PPOSpec
-    from rlhf_trainer.builtin_models import builtin_model_dir
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
@@ -60,7 +83,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     from rlhf_trainer.ppo.trainer import PPOTrainer
 
     config = CONFIGS[name]
-    model_dir = builtin_model_dir(MODEL)
+    sft, rm = stage_checkpoints()
     spec = ModelSpec(uri=MODEL)
     settings = PPOSpec.model_validate({
         "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
@@ -74,7 +97,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     prompts = [r["prompt"] for r in read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-train"))]
     torch.manual_seed(0)
     world = distributed.init()
-    trainer = PPOTrainer(settings, load_models(model_dir, model_dir, spec, settings, world.device), prompts, world,
+    trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
                          use_chat_template=chat_template)
     load_before = os.getloadavg()[0]
     history = trainer.train()
@@ -111,6 +134,7 @@ def main() -> int:
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
+    stage_checkpoints()  # made here once, not inside a measured process
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.glibc:  # also where LD_PRELOAD already names it (the trainer image)
         env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)

@@ -167,7 +167,10 @@ def test_under_bf16_frozen_models_are_bf16_and_rollouts_sample_from_a_refreshed_
     for (name, mine), theirs in zip(copy.named_parameters(), models.policy.parameters()):
         assert mine.dtype == torch.bfloat16 and not mine.requires_grad
         assert torch.equal(mine, theirs.detach().to(torch.bfloat16)), name  # the trained weights, rounded
-    assert make_trainer(ppo_inputs, bf16=False).sampler is None
+    plain = make_trainer(ppo_inputs, bf16=False)
+    assert plain.sampler is None
+    # in float32 SDPA's backward is as fast, and it keeps less for it than eager attention
+    assert plain.models.policy.config._attn_implementation == "sdpa"
     assert make_trainer(ppo_inputs, bf16=True, lora={"enabled": True, "r": 4, "alpha": 8}).sampler is None
 
 

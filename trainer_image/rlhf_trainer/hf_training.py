@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from rlhf_operator.artifacts import join_uri, publish, read_manifest, fetch
 from rlhf_operator.spec import TrainingArgs
 from rlhf_trainer import progress
+from rlhf_trainer.models import bf16_enabled
 from rlhf_trainer.errors import Preempted
 from rlhf_trainer.workspace import Workspace
 
@@ -60,7 +61,7 @@ def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
-        bf16=_cuda_bf16() if settings.bf16 is None else settings.bf16,
+        bf16=bf16_enabled(settings.bf16),
     )
 
 
@@ -68,12 +69,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _cuda_bf16() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 class StoreCheckpoints(TrainerCallback):

@@ -81,11 +81,13 @@ def load_tokenizer(path: Path, model: ModelSpec) -> Any:
     return tok
 
 
-def _model_kwargs(model: ModelSpec, trained: bool) -> dict[str, Any]:
+def _model_kwargs(model: ModelSpec, trained_in_bf16: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(model), "trust_remote_code": model.trust_remote_code}
-    if trained and not torch.cuda.is_available():
-        # PyTorch's CPU flash-attention backward under bfloat16 autocast takes 3x the time of eager attention
-        # (fp32: the same) at these sequence lengths; inference keeps SDPA, faster there.
+    if trained_in_bf16 and not torch.cuda.is_available():
+        # PyTorch's CPU flash-attention backward under bfloat16 autocast takes 3x the time of eager attention at
+        # these sequence lengths. In float32 the two take the same time, and SDPA keeps less for the backward pass
+        # (eager keeps the attention weights and the key/value heads repeated for each query head: 147 MB of 780
+        # per demo-model forward pass in PPO), so everything else uses SDPA.
         kwargs["attn_implementation"] = "eager"
     quant = quantization_config(model)
     if quant is not None:
@@ -103,14 +105,15 @@ def _fit_vocab(net: Any, tokenizer: Any) -> Any:
     return net
 
 
-def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False) -> Any:
-    """A causal LM (``trained``: it will be trained, which picks the attention kernel that is fast backwards)."""
+def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any, *, trained_in_bf16: bool = False) -> Any:
+    """A causal LM (``trained_in_bf16``: it will be trained under bfloat16 autocast, which picks the attention
+    kernel that is fast backwards there)."""
     from transformers import AutoModelForCausalLM
 
-    return _fit_vocab(AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(model, trained)), tokenizer)
+    return _fit_vocab(AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(model, trained_in_bf16)), tokenizer)
 
 
-def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained: bool = False,
+def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained_in_bf16: bool = False,
                              zero_new_head: bool = False) -> Any:
     """A scalar-output sequence classifier (``num_labels=1``): a reward or value model (see load_causal_lm).
 
@@ -126,7 +129,7 @@ def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, tr
     hf_logging.set_verbosity_error()  # a causal-LM checkpoint has no score head yet: that warning is expected
     try:
         net, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, **_model_kwargs(model, trained))
+            path, num_labels=1, output_loading_info=True, **_model_kwargs(model, trained_in_bf16))
     finally:
         hf_logging.set_verbosity(verbosity)
     head = getattr(net, "score", None)

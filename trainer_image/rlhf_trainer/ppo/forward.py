@@ -43,7 +43,7 @@ def transformers_model(net: Any) -> Any:
 def attention_kernel(net: Any, implementation: str) -> Iterator[None]:
     """Run ``net`` with another attention implementation for the duration (e.g. "sdpa" to decode with).
 
-    Detail: on CPU the trained models use eager attention, whose backward pass is the faster one there
+    Detail: on CPU under bf16 the trained models use eager attention, whose backward pass is the faster one there
     (:func:`rlhf_trainer.models.load_causal_lm`); decoding is faster with SDPA, which neither repeats the
     grouped key/value cache for every head nor writes out the attention weights at each new token.
     """

@@ -157,11 +157,12 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
             "initialised from the reward model, reads the policy's tokens: train the reward model from pi_SFT "
             "or from the same base model (spec.reward.initFrom)"
         )
-    lora = settings.lora.enabled
-    frozen = hf_models.frozen_spec(spec, uses_bf16(settings))
+    lora, bf16 = settings.lora.enabled, uses_bf16(settings)
+    frozen = hf_models.frozen_spec(spec, bf16)
 
     policy_spec = frozen if lora else _unquantized(spec)
-    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer, trained=True), policy_spec, device)
+    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer, trained_in_bf16=bf16), policy_spec,
+                 device)
     reference = None
     if lora:
         from peft import get_peft_model
@@ -173,8 +174,8 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
 
     value_lora = lora and settings.value_lora
     value_spec = frozen if value_lora else _unquantized(spec)
-    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer, trained=True),
-                     value_spec, device)
+    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer,
+                                                      trained_in_bf16=bf16), value_spec, device)
     reward = None
     if value_lora:
         from peft import get_peft_model

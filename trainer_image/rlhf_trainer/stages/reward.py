@@ -71,7 +71,8 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
     hf_training.seed_before_loading(settings.seed)  # new weights (a pad token's embedding row): the same every run
-    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, trained=True, zero_new_head=True)
+    model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, zero_new_head=True,
+                                            trained_in_bf16=models.bf16_enabled(settings.bf16))
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([

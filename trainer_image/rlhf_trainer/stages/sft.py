@@ -29,7 +29,8 @@ def run(ws: Workspace) -> dict[str, Any]:
     tokenizer = models.load_tokenizer(base, ws.config.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation stages pad on the left
     hf_training.seed_before_loading(settings.seed)
-    model = models.load_causal_lm(base, ws.config.model, tokenizer, trained=True)
+    model = models.load_causal_lm(base, ws.config.model, tokenizer,
+                                   trained_in_bf16=models.bf16_enabled(settings.bf16))
     chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
     train = Dataset.from_list(
         [conversational(chat, prompt=r["prompt"], completion=r["completion"]) for r in rows]
