@@ -260,3 +260,25 @@ def test_deepspeed_zero3_with_lora_in_one_process_matches_plain_pytorch(ppo_inpu
         distributed.shutdown()
     for key in ("objective/rm_score", "loss/policy", "loss/value", "policy/entropy"):
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_adamw_with_its_moments_allocated_up_front_steps_exactly_as_torch_allocating_them_lazily():
+    from rlhf_trainer.ppo.learner import adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(4)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    runs = []
+    for eager in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = adamw(params, lr=0.1, eager_state=eager)
+        assert bool(optimizer.state) == eager  # the moments exist before the first step only when eager
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        runs.append(([p.detach() for p in params], optimizer.state_dict()))
+    (lazy, lazy_state), (eager, eager_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+    for a, b in zip(lazy_state["state"].values(), eager_state["state"].values()):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
