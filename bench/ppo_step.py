@@ -16,6 +16,7 @@ step (rollout + update, the mean of ``--steps`` steps after one warm-up step), p
 trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
+        [--gradient-checkpointing] [--accumulation 2] [--chat-template]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> dict:
+def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
 
@@ -88,7 +89,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int) -> di
     settings = PPOSpec.model_validate({
         "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
         "batchSize": 8, "miniBatchSize": 8, "numPpoEpochs": 1, "totalEpisodes": 8 * (steps + 1),
-        "gradientAccumulationSteps": accumulation,
+        "gradientAccumulationSteps": accumulation, "gradientCheckpointing": checkpointing,
         "learningRate": 1e-6, "seed": 0, "bf16": config["bf16"],
         "stopToken": "<|endoftext|>",  # never sampled by the chat model: every response is 32 tokens
         "generation": {"maxNewTokens": 32, "temperature": 0.7},
@@ -126,11 +127,14 @@ def main() -> int:
     parser.add_argument("--chat-template", action="store_true", help="prompts in the chat template (demo format)")
     parser.add_argument("--accumulation", type=int, default=1, choices=(1, 2, 4, 8),
                         help="micro-batches per mini-batch (same gradient, less activation memory)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="spec.ppo.gradientCheckpointing (less activation memory, one more forward pass)")
     parser.add_argument("--glibc", action="store_true", help="glibc's malloc, not tcmalloc")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template, args.accumulation)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template, args.accumulation,
+                                                 args.gradient_checkpointing)), flush=True)
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
@@ -144,8 +148,9 @@ def main() -> int:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                    "--accumulation", str(args.accumulation)]
-        proc = subprocess.run(command + (["--chat-template"] if args.chat_template else []), env=env,
-                              capture_output=True, text=True)
+        command += ["--chat-template"] if args.chat_template else []
+        command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
         results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not results:
             print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -156,6 +161,7 @@ def main() -> int:
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']} "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "
+              f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
               f"{time.monotonic() - started:.0f} s wall]", flush=True)
     return 0
 

@@ -193,6 +193,34 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_in
         torch.testing.assert_close(weights[1][name], value, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_backward_pass(ppo_inputs, lora):
+    from rlhf_trainer.ppo.forward import response_values
+
+    runs = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(ppo_inputs, totalEpisodes=4, gradientCheckpointing=checkpointing,
+                               lora={"enabled": lora, "r": 4, "alpha": 8})
+        history = trainer.train()
+        tok = trainer.models.tokenizer
+        queries, mask = left_pad(encode_prompts(tok, PROMPTS[:2], True), tok.pad_token_id)
+        responses, logprobs = sample_responses(trainer.models.policy, queries, mask, trainer.s.generation,
+                                               stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
+                                               generators=episode_generators(0, [0, 1], torch.device("cpu")))
+        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses, logprobs)[0]
+        saved = []  # bytes the value model's forward pass keeps for its backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            response_values(trainer.value.model, rollout)
+        runs.append((snapshot(trainer.models.policy), snapshot(trainer.models.value), history[-1], sum(saved)))
+    (policy, value, metrics, saved), (policy_ck, value_ck, metrics_ck, saved_ck) = runs
+    for before, after in ((policy, policy_ck), (value, value_ck)):
+        for name, weight in before.items():
+            torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=1e-5)
+    assert metrics_ck["loss/policy"] == pytest.approx(metrics["loss/policy"], rel=1e-5, abs=1e-7)
+    assert saved_ck < saved / 2
+
+
 def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
     """Each episode samples from its own generator: one process or two give the same responses."""
     trainer = make_trainer(ppo_inputs)

@@ -572,6 +572,12 @@ class PPOSpec(StageCommon):
         "gradients are accumulated before the optimizer step. It and the number of processes divide "
         "miniBatchSize.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="gradientCheckpointing, optional: trade compute for activation memory in the policy's and "
+        "the value model's updates: each decoder layer keeps only its input and runs again in the backward "
+        "pass (about one more forward pass of each per update).",
+    )
     num_ppo_epochs: int = Field(4, ge=1, description="numPpoEpochs, optional: passes over each batch.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="maxGradNorm, optional: gradient clipping norm.")
     kl_coef: float = Field(0.05, ge=0.0, description="klCoef, optional: (initial) KL penalty coefficient.")

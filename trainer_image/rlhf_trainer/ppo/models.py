@@ -14,7 +14,8 @@ bfloat16 (half the memory, no cast at every forward pass), LoRA's frozen base in
 stay in the checkpoint's dtype (float32 master weights under autocast). Dropout is disabled everywhere (detail:
 with dropout the log-probabilities of the rollout and of the first update would differ for the same weights).
 The value model is the reward model's scalar head read at every position (:class:`TokenValues`), so its first
-estimates are the reward model's own opinion of each prefix.
+estimates are the reward model's own opinion of each prefix. ``gradientCheckpointing`` checkpoints the decoder
+layers of the two trained models.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def _trained_in_float32(net: nn.Module) -> nn.Module:
     return net
 
 
+def _activation_checkpointed(net: nn.Module) -> nn.Module:
+    """Each decoder layer keeps only its input for the backward pass and runs again there (torch's
+    non-reentrant checkpointing, which needs no input that requires grad: LoRA's frozen embeddings work)."""
+    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return net
+
+
 def merged_policy(policy: Any, policy_dir: Path, spec: ModelSpec, tokenizer: Any) -> Any:
     """The LoRA policy as a plain model, its adapter merged into pi_SFT's weights as stored (float32 or the
     spec's dtype, never quantized), not into the bfloat16 or quantized copy that training ran on."""
@@ -171,6 +180,8 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
     else:
         reference = hf_models.freeze(_to(hf_models.load_causal_lm(policy_dir, frozen, tokenizer), frozen, device))
     disable_dropout(policy).train()
+    if settings.gradient_checkpointing:
+        _activation_checkpointed(policy)
 
     value_lora = lora and settings.value_lora
     value_spec = frozen if value_lora else _unquantized(spec)
@@ -184,5 +195,7 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
     else:
         reward = hf_models.freeze(_to(hf_models.load_sequence_classifier(reward_dir, frozen, reward_tokenizer),
                                       frozen, device))
+    if settings.gradient_checkpointing:
+        _activation_checkpointed(classifier)
     value = TokenValues(disable_dropout(classifier)).train()
     return PPOModels(tokenizer, reward_tokenizer, policy, reference, value, reward)

@@ -13,7 +13,8 @@ resumed run the same as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,6 +83,22 @@ class BF16Sampler:
         return self.model
 
 
+@contextmanager
+def eval_mode(net: Any) -> Iterator[None]:
+    """``net`` in evaluation mode for the duration: how :func:`sample_responses` decodes with a trained model.
+
+    Detail: transformers checkpoints activations (``gradientCheckpointing``) only in training mode, and there
+    it drops the KV cache; dropout is off anyway (:func:`rlhf_trainer.ppo.models.disable_dropout`), so for
+    decoding evaluation mode changes nothing else.
+    """
+    training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(training)
+
+
 def _warpers(gen: GenerationSpec) -> list[Any]:
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -129,7 +146,7 @@ def sample_responses(
     (cached decoding sums in another order).
 
     Args:
-        model: a causal LM (or a peft model around one).
+        model: a causal LM (or a peft model around one); it decodes in evaluation mode (:func:`eval_mode`).
         queries: (B, P) left-padded prompt ids.
         query_mask: (B, P) attention mask of the prompts.
         gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
@@ -143,6 +160,13 @@ def sample_responses(
         responses (B, R) with ``R <= max_new_tokens`` (as long as the longest response; padding after each
         row's stop token) and their log-probabilities (B, R), 0 on padding.
     """
+    with eval_mode(model):
+        return _sample(model, queries, query_mask, gen, stop_token_id, pad_token_id, generators, interrupted)
+
+
+def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationSpec, stop_token_id: int,
+            pad_token_id: int, generators: Sequence[torch.Generator],
+            interrupted: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor]:
     warpers = _warpers(gen)
     scale = logit_scale(gen.temperature)
     mask = query_mask.clone()
