@@ -11,7 +11,8 @@ from rlhf_operator.spec import ModelSpec
 from rlhf_trainer.cli import main as train_main
 from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
-from rlhf_trainer.generation import Sample, pad_samples, response_logprobs
+from rlhf_trainer.generation import Sample
+from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
@@ -62,22 +63,26 @@ def test_mean_kl_per_token_weights_tokens_not_sequences():
     assert mean_kl_per_token(policy, ref) == pytest.approx(0.5 / 4 + 0 - 1 / 4 + 1 / 4)
 
 
-def test_pad_samples_left_pads_and_marks_responses():
-    samples = [Sample("a", [5, 6], [7, 8], "", True), Sample("b", [9], [10], "", False)]
-    ids, attention, response = pad_samples(samples, pad_id=0)
-    assert ids.tolist() == [[5, 6, 7, 8], [0, 0, 9, 10]]
-    assert attention.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
-    assert response.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+def test_sequences_left_pad_prompts_and_right_pad_responses():
+    batch = sequences([[5, 6], [9]], [[7, 8], [10]], pad_token_id=0)
+    assert batch.queries.tolist() == [[5, 6], [0, 9]] and batch.query_mask.tolist() == [[1, 1], [0, 1]]
+    assert batch.responses.tolist() == [[7, 8], [10, 0]] and batch.mask.tolist() == [[True, True], [True, False]]
+    ids, attention, positions = batch.input_ids()
+    assert ids.tolist() == [[5, 6, 7, 8], [0, 9, 10, 0]]
+    assert attention.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
+    assert positions[:, :3].tolist() == [[0, 1, 2], [0, 0, 1]]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_response_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
+def test_sample_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
     """Log-probabilities of the temperature-scaled distribution, as sampling at that temperature draws from."""
     from transformers import AutoModelForCausalLM
 
+    from rlhf_trainer.stages.evaluate import sample_logprobs
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     samples = [Sample("a", [3, 4, 5], [6, 7], "", False), Sample("b", [8], [9, 10, 11], "", False)]
-    got = response_logprobs(model, samples, pad_id=0, temperature=temperature)
+    got = sample_logprobs(model, samples, pad_token_id=0, temperature=temperature)
     for sample, logps in zip(samples, got):  # one unpadded sequence at a time, full log_softmax
         seq = torch.tensor([sample.prompt_ids + sample.response_ids])
         with torch.no_grad():
@@ -86,7 +91,7 @@ def test_response_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
         expected = full.gather(-1, targets[:, None])[:, 0][-len(sample.response_ids):]
         torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
     if temperature != 1.0:  # the scaling is not a no-op on this model
-        assert not torch.allclose(got[0], response_logprobs(model, samples, pad_id=0)[0], atol=1e-3)
+        assert not torch.allclose(got[0], sample_logprobs(model, samples, 0, temperature=1.0)[0], atol=1e-3)
 
 
 def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):

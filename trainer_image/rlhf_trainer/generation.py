@@ -1,4 +1,4 @@
-"""Batched sampling from a causal LM and per-token log-probabilities of what was sampled.
+"""Batched sampling from a causal LM (the log-probabilities of what was sampled: :mod:`rlhf_trainer.ppo.forward`).
 
 Prompts are wrapped in the chat template (when there is one and the spec wants it), left-padded, and
 generated in batches under ``torch.inference_mode`` with the KV cache. A response ends at the first EOS
@@ -95,45 +95,4 @@ def sample(
     finally:
         tokenizer.padding_side = previous_side
         model.train(was_training)
-    return out
-
-
-def pad_samples(samples: Sequence[Sample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad prompt+response sequences.
-
-    Returns:
-        input_ids (B, S), attention_mask (B, S), response_mask (B, S): 1 on response tokens.
-    """
-    seqs = [s.prompt_ids + s.response_ids for s in samples]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    response = torch.zeros_like(ids)
-    for i, (s, seq) in enumerate(zip(samples, seqs)):
-        ids[i, width - len(seq):] = torch.tensor(seq)
-        attention[i, width - len(seq):] = 1
-        response[i, width - len(s.response_ids):] = 1
-    return ids, attention, response
-
-
-@torch.inference_mode()
-def response_logprobs(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int = 16,
-                      temperature: float = 1.0) -> list[torch.Tensor]:
-    """Log-probability of each response token under ``model`` sampling at ``temperature`` (its logits divided by
-    it; 0, greedy decoding, counts as 1): one 1-D tensor per sample."""
-    scale = logit_scale(temperature)
-    dev = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        ids, attention, response = (t.to(dev) for t in pad_samples(chunk, pad_id))
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions).logits[:, :-1].float()
-        if scale != 1.0:
-            logits = logits / scale
-        targets = ids[:, 1:]
-        # log softmax at the chosen token only: logit - logsumexp, without a full-vocabulary log_softmax copy
-        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        mask = response[:, 1:].bool()
-        out.extend(token_logp[i][mask[i]].cpu() for i in range(len(chunk)))
     return out

@@ -7,29 +7,22 @@ tensor refers to the ``t``-th response token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_trainer.ppo.rollout import position_ids
+from rlhf_trainer.ppo.rollout import left_pad, position_ids
 
 
 @dataclass
-class Rollout:
-    """Sampled responses and everything the four models said about them (no gradients anywhere)."""
+class Sequences:
+    """Prompts and responses, laid out as the forward passes (:mod:`rlhf_trainer.ppo.forward`) read them."""
 
-    episodes: torch.Tensor  # (B,) global episode index of each rollout
     queries: torch.Tensor  # (B, P) prompt ids, left-padded
     query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
     responses: torch.Tensor  # (B, R) response ids, padding after the stop token
     mask: torch.Tensor  # (B, R) bool, true on response tokens (the stop token included)
-    lengths: torch.Tensor  # (B,) response lengths in tokens
-    has_stop: torch.Tensor  # (B,) bool, the response ended with the stop token
-    logprobs: torch.Tensor  # (B, R) log pi_old(token), temperature-scaled; 0 on padding
-    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(token), temperature-scaled; 0 on padding
-    values: torch.Tensor  # (B, R) V_old of the state before each token; 0 on padding
-    rm_scores: torch.Tensor  # (B,) reward-model scores
-    scores: torch.Tensor  # (B,) rm_scores after the missing-EOS penalty
 
     def input_ids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt + response as one left-padded sequence.
@@ -40,6 +33,33 @@ class Rollout:
         ids = torch.cat([self.queries, self.responses], dim=1)
         attention = torch.cat([self.query_mask, self.mask.to(self.query_mask.dtype)], dim=1)
         return ids, attention, position_ids(attention)
+
+
+def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+              device: torch.device | str = "cpu") -> Sequences:
+    """Token lists as :class:`Sequences` on ``device``: prompts left-padded, responses right-padded."""
+    queries, query_mask = left_pad(prompts, pad_token_id)
+    width = max(len(r) for r in responses)
+    ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.bool)
+    for row, response in enumerate(responses):
+        ids[row, :len(response)] = torch.tensor(list(response), dtype=torch.long)
+        mask[row, :len(response)] = True
+    return Sequences(*(t.to(device) for t in (queries, query_mask, ids, mask)))
+
+
+@dataclass
+class Rollout(Sequences):
+    """Sampled responses and everything the four models said about them (no gradients anywhere)."""
+
+    episodes: torch.Tensor  # (B,) global episode index of each rollout
+    lengths: torch.Tensor  # (B,) response lengths in tokens
+    has_stop: torch.Tensor  # (B,) bool, the response ended with the stop token
+    logprobs: torch.Tensor  # (B, R) log pi_old(token), temperature-scaled; 0 on padding
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(token), temperature-scaled; 0 on padding
+    values: torch.Tensor  # (B, R) V_old of the state before each token; 0 on padding
+    rm_scores: torch.Tensor  # (B,) reward-model scores
+    scores: torch.Tensor  # (B,) rm_scores after the missing-EOS penalty
 
     def select(self, rows: torch.Tensor) -> "Rollout":
         """The rollouts at ``rows``, with the columns that are padding in all of them trimmed away."""

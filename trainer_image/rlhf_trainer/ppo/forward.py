@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from rlhf_trainer.generation import logit_scale
-from rlhf_trainer.ppo.experience import Rollout
+from rlhf_trainer.ppo.experience import Sequences
 from rlhf_trainer.reward_scoring import reward_input_ids
 from rlhf_trainer.ppo.functional import logprobs_and_entropy
 
@@ -59,7 +59,7 @@ def attention_kernel(net: Any, implementation: str) -> Iterator[None]:
         inner.set_attn_implementation(before)
 
 
-def response_logits(policy: Any, batch: Rollout, temperature: float) -> torch.Tensor:
+def response_logits(policy: Any, batch: Sequences, temperature: float) -> torch.Tensor:
     """Next-token logits at each response position, divided by the sampling temperature.
 
     Detail: the log-probabilities PPO uses are those of the distribution the tokens were sampled from, so the
@@ -87,7 +87,7 @@ def response_logits(policy: Any, batch: Rollout, temperature: float) -> torch.Te
     return head(hidden.contiguous()).float() / scale
 
 
-def response_logprobs(policy: Any, batch: Rollout, temperature: float,
+def response_logprobs(policy: Any, batch: Sequences, temperature: float,
                       with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token) for each response token (0 on padding), and optionally the entropy at each position.
 
@@ -100,7 +100,7 @@ def response_logprobs(policy: Any, batch: Rollout, temperature: float,
     return logprobs, entropy
 
 
-def response_values(value_model: Any, batch: Rollout) -> torch.Tensor:
+def response_values(value_model: Any, batch: Sequences) -> torch.Tensor:
     """V of the state before each response token (0 on padding).
 
     Returns:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ import torch
 from rlhf_operator.spec import EvaluateSpec
 from rlhf_trainer import models, reward_scoring
 from rlhf_trainer.data import load_prompts, write_jsonl
-from rlhf_trainer.generation import Sample, response_logprobs, sample
+from rlhf_trainer.generation import Sample, sample
 from rlhf_trainer.judges import make_judge
+from rlhf_trainer.ppo import forward
+from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.plots import evaluation_figure, read_log
 from rlhf_trainer.stages.common import uses_chat_template
 from rlhf_trainer.workspace import Workspace
@@ -43,6 +46,21 @@ def mean_kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[to
     """Mean over all response tokens of log pi - log pi_ref (the k1 estimator of KL(pi || pi_ref))."""
     diffs = torch.cat([p - r for p, r in zip(policy_logps, reference_logps)])
     return float(diffs.mean()) if diffs.numel() else 0.0
+
+
+@torch.inference_mode()
+def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, temperature: float,
+                    batch_size: int = 16) -> list[torch.Tensor]:
+    """Log-probability of each response token under ``model`` sampling at ``temperature``: one 1-D tensor per
+    sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.ppo.forward.response_logprobs`)."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = sequences([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_token_id, device)
+        logprobs, _ = forward.response_logprobs(model, batch, temperature)
+        out.extend(row[keep].cpu() for row, keep in zip(logprobs, batch.mask))
+    return out
 
 
 def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None) -> dict[str, float]:
@@ -98,8 +116,8 @@ def run(ws: Workspace) -> dict[str, Any]:
     if "policy" in samples:
         pad = tokenizer.pad_token_id
         temperature = settings.generation.temperature
-        kl = mean_kl_per_token(response_logprobs(policy_model, samples["policy"], pad, temperature=temperature),
-                               response_logprobs(ref_model, samples["policy"], pad, temperature=temperature))
+        kl = mean_kl_per_token(sample_logprobs(policy_model, samples["policy"], pad, temperature),
+                               sample_logprobs(ref_model, samples["policy"], pad, temperature))
         metrics.update({f"policy/{k}": v for k, v in results["policy"].items()})
         metrics["policy/win_rate_vs_sft"] = win_rate(judge_scores["policy"], judge_scores["sft"])
         metrics["policy/judge_gain"] = results["policy"]["judge_mean"] - results["sft"]["judge_mean"]
