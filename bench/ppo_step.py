@@ -11,8 +11,10 @@ as the demo pipeline does (about 64 tokens: the template adds a default system p
 
 Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
-step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, and the load average
-(other work on the machine slows every figure). Each process runs on tcmalloc where the machine has it, as the
+step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the load average
+(other work on the machine slows every figure) and the machine's speed around the run (a float32 matrix
+product and a memory read: on a shared virtual machine they drift by a third between hours, with nothing
+running beside). Each process runs on tcmalloc where the machine has it, as the
 trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
@@ -72,6 +74,23 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def machine_speed() -> tuple[float, float]:
+    """This machine's speed right now: float32 matrix products (GFLOP/s, at a decoder layer's shape) and memory
+    reads (GB/s). A shared machine's speed drifts by a third between hours; these say which hour a figure saw."""
+    import torch
+
+    a, w, big = torch.randn(528, 576), torch.randn(1536, 576), torch.ones(64 * 2**20)
+    torch.nn.functional.linear(a, w), big.sum()
+    started = time.perf_counter()
+    for _ in range(50):
+        torch.nn.functional.linear(a, w)
+    gflops = 50 * 2 * 528 * 576 * 1536 / (time.perf_counter() - started) / 1e9
+    started = time.perf_counter()
+    for _ in range(10):
+        big.sum()
+    return gflops, 10 * big.numel() * 4 / (time.perf_counter() - started) / 1e9
+
+
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
@@ -100,8 +119,9 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     world = distributed.init()
     trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
                          use_chat_template=chat_template)
-    load_before = os.getloadavg()[0]
+    load_before, speed_before = os.getloadavg()[0], machine_speed()
     history = trainer.train()
+    speed_after = machine_speed()
     timed = history[1:]
     prompt_tokens = statistics.fmean(len(ids) for ids in encode_prompts(trainer.models.tokenizer, prompts,
                                                                          chat_template))
@@ -117,6 +137,8 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "threads": torch.get_num_threads(),
         "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
         "load_average": (load_before + os.getloadavg()[0]) / 2,
+        "gflops": (speed_before[0] + speed_after[0]) / 2,
+        "read_gbps": (speed_before[1] + speed_after[1]) / 2,
     }
 
 
@@ -158,7 +180,8 @@ def main() -> int:
         r = json.loads(results[0])
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
-              f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']} "
+              f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
+              f"machine now {r['gflops']:.0f} GFLOP/s and {r['read_gbps']:.0f} GB/s "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "
               f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
