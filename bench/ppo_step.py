@@ -119,9 +119,8 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     world = distributed.init()
     trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
                          use_chat_template=chat_template)
-    load_before, speed_before = os.getloadavg()[0], machine_speed()
+    load_before = os.getloadavg()[0]
     history = trainer.train()
-    speed_after = machine_speed()
     timed = history[1:]
     prompt_tokens = statistics.fmean(len(ids) for ids in encode_prompts(trainer.models.tokenizer, prompts,
                                                                          chat_template))
@@ -137,8 +136,6 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "threads": torch.get_num_threads(),
         "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
         "load_average": (load_before + os.getloadavg()[0]) / 2,
-        "gflops": (speed_before[0] + speed_after[0]) / 2,
-        "read_gbps": (speed_before[1] + speed_after[1]) / 2,
     }
 
 
@@ -172,7 +169,9 @@ def main() -> int:
                    "--accumulation", str(args.accumulation)]
         command += ["--chat-template"] if args.chat_template else []
         command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        speed_before = machine_speed()  # measured here, outside the process whose peak RSS is reported
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        gflops, read_gbps = (sum(pair) / 2 for pair in zip(speed_before, machine_speed()))
         results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not results:
             print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -181,7 +180,7 @@ def main() -> int:
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
-              f"machine now {r['gflops']:.0f} GFLOP/s and {r['read_gbps']:.0f} GB/s "
+              f"machine now {gflops:.0f} GFLOP/s and {read_gbps:.0f} GB/s "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "
               f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
