@@ -86,8 +86,8 @@ def _model_kwargs(model: ModelSpec, trained_in_bf16: bool) -> dict[str, Any]:
     if trained_in_bf16 and not torch.cuda.is_available():
         # PyTorch's CPU flash-attention backward under bfloat16 autocast takes 3x the time of eager attention at
         # these sequence lengths. In float32 the two take the same time, and SDPA keeps less for the backward pass
-        # (eager keeps the attention weights and the key/value heads repeated for each query head: 147 MB of 780
-        # per demo-model forward pass in PPO), so everything else uses SDPA.
+        # (eager also keeps the attention weights and the key/value heads repeated for each query head: in PPO on
+        # the demo model, LoRA, 777 MB per policy forward pass against SDPA's 691), so everything else uses SDPA.
         kwargs["attn_implementation"] = "eager"
     quant = quantization_config(model)
     if quant is not None:
