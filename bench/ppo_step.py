@@ -13,7 +13,7 @@ Each configuration runs in its own process (peak RSS is per process): full fine-
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
 step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the load average
 (other work on the machine slows every figure) and the machine's speed around the run (a float32 matrix
-product and a memory read: on a shared virtual machine they drift by a third between hours, with nothing
+product and a memory read: on a shared virtual machine they drift by up to half between hours, with nothing
 running beside). Each process runs on tcmalloc where the machine has it, as the
 trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
@@ -76,7 +76,7 @@ def cpu_has_bf16() -> bool:
 
 def machine_speed() -> tuple[float, float]:
     """This machine's speed right now: float32 matrix products (GFLOP/s, at a decoder layer's shape) and memory
-    reads (GB/s). A shared machine's speed drifts by a third between hours; these say which hour a figure saw."""
+    reads (GB/s). A shared machine's speed drifts by up to half between hours; these say which hour a figure saw."""
     import torch
 
     a, w, big = torch.randn(528, 576), torch.randn(1536, 576), torch.ones(64 * 2**20)
