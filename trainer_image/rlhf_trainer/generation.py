@@ -7,7 +7,8 @@ generated in batches under ``torch.inference_mode`` with the KV cache. A respons
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,22 @@ def logit_scale(temperature: float) -> float:
     return temperature if temperature > 0 else 1.0
 
 
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` in evaluation mode for the duration, its own mode restored after: how a trained model decodes.
+
+    Detail: transformers checkpoints activations (``gradientCheckpointing``) only in training mode, and there
+    it drops the KV cache; the trainers turn dropout off anyway (:func:`rlhf_trainer.ppo.models.disable_dropout`),
+    so for decoding evaluation mode changes nothing else.
+    """
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def generation_config(gen: GenerationSpec, tokenizer: Any) -> Any:
     from transformers import GenerationConfig
 
@@ -70,29 +87,27 @@ def sample(
     """One sampled response per prompt (repeat a prompt to get several), in the prompts' order."""
     torch.manual_seed(seed)
     config = generation_config(gen, tokenizer)
-    was_training = model.training
-    model.eval()
     dev = next(model.parameters()).device
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out: list[Sample] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-            batch = list(prompts[start:start + batch_size])
-            texts = [format_prompt(tokenizer, p, use_chat_template) for p in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            generated = model.generate(**enc, generation_config=config)
-            width = enc["input_ids"].shape[1]
-            for row, prompt in enumerate(batch):
-                prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
-                response = generated[row, width:].tolist()
-                has_eos = tokenizer.eos_token_id in response
-                if has_eos:
-                    response = response[: response.index(tokenizer.eos_token_id) + 1]
-                else:
-                    response = [t for t in response if t != tokenizer.pad_token_id]
-                text = tokenizer.decode(response, skip_special_tokens=True).strip()
-                out.append(Sample(prompt, prompt_ids, response, text, has_eos))
+        with eval_mode(model):
+            for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+                batch = list(prompts[start:start + batch_size])
+                texts = [format_prompt(tokenizer, p, use_chat_template) for p in batch]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+                generated = model.generate(**enc, generation_config=config)
+                width = enc["input_ids"].shape[1]
+                for row, prompt in enumerate(batch):
+                    prompt_ids = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+                    response = generated[row, width:].tolist()
+                    has_eos = tokenizer.eos_token_id in response
+                    if has_eos:
+                        response = response[: response.index(tokenizer.eos_token_id) + 1]
+                    else:
+                        response = [t for t in response if t != tokenizer.pad_token_id]
+                    text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                    out.append(Sample(prompt, prompt_ids, response, text, has_eos))
     finally:
         tokenizer.padding_side = previous_side
-        model.train(was_training)
     return out

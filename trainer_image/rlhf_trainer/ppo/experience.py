@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_trainer.ppo.rollout import left_pad, position_ids
+from rlhf_trainer.ppo.rollout import left_pad, position_ids, right_pad
 
 
 @dataclass
@@ -39,13 +39,8 @@ def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
               device: torch.device | str = "cpu") -> Sequences:
     """Token lists as :class:`Sequences` on ``device``: prompts left-padded, responses right-padded."""
     queries, query_mask = left_pad(prompts, pad_token_id)
-    width = max(len(r) for r in responses)
-    ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.bool)
-    for row, response in enumerate(responses):
-        ids[row, :len(response)] = torch.tensor(list(response), dtype=torch.long)
-        mask[row, :len(response)] = True
-    return Sequences(*(t.to(device) for t in (queries, query_mask, ids, mask)))
+    ids, mask = right_pad(responses, pad_token_id)
+    return Sequences(*(t.to(device) for t in (queries, query_mask, ids, mask.bool())))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rlhf_trainer.generation import logit_scale
 from rlhf_trainer.ppo.experience import Sequences
 from rlhf_trainer.reward_scoring import reward_input_ids
 from rlhf_trainer.ppo.functional import logprobs_and_entropy
+from rlhf_trainer.ppo.rollout import right_pad
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
@@ -127,12 +128,7 @@ def reward_scores(reward_model: Any, tokenizer: Any, prompts: Sequence[str], res
     for start in range(0, len(prompts), batch_size):
         sequences = [reward_input_ids(tokenizer, p, r, chat)
                      for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
+        ids, mask = right_pad(sequences, tokenizer.pad_token_id)
         logits = reward_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         scores.append(logits[:, 0].float())
     return torch.cat(scores)

@@ -13,15 +13,14 @@ resumed run the same as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from rlhf_operator.spec import GenerationSpec
-from rlhf_trainer.generation import format_prompt, logit_scale
+from rlhf_trainer.generation import eval_mode, format_prompt, logit_scale
 from rlhf_trainer.ppo.seeding import generator
 
 
@@ -37,12 +36,26 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
     Returns:
         ids (B, P) and attention mask (B, P), 1 on real tokens.
     """
+    return _pad(sequences, pad_token_id, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to the longest one.
+
+    Returns:
+        ids (B, S) and attention mask (B, S), 1 on real tokens.
+    """
+    return _pad(sequences, pad_token_id, left=False)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, columns] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, columns] = 1
     return ids, mask
 
 
@@ -81,22 +94,6 @@ class BF16Sampler:
         for mine, theirs in zip(self.model.parameters(), self.source.parameters(), strict=True):
             mine.copy_(theirs)
         return self.model
-
-
-@contextmanager
-def eval_mode(net: Any) -> Iterator[None]:
-    """``net`` in evaluation mode for the duration: how :func:`sample_responses` decodes with a trained model.
-
-    Detail: transformers checkpoints activations (``gradientCheckpointing``) only in training mode, and there
-    it drops the KV cache; dropout is off anyway (:func:`rlhf_trainer.ppo.models.disable_dropout`), so for
-    decoding evaluation mode changes nothing else.
-    """
-    training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(training)
 
 
 def _warpers(gen: GenerationSpec) -> list[Any]:
@@ -146,7 +143,8 @@ def sample_responses(
     (cached decoding sums in another order).
 
     Args:
-        model: a causal LM (or a peft model around one); it decodes in evaluation mode (:func:`eval_mode`).
+        model: a causal LM (or a peft model around one); it decodes in evaluation mode
+            (:func:`rlhf_trainer.generation.eval_mode`).
         queries: (B, P) left-padded prompt ids.
         query_mask: (B, P) attention mask of the prompts.
         gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
