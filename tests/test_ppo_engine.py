@@ -11,9 +11,10 @@ import torch
 from rlhf_operator.spec import ModelSpec, PPOSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.ppo import distributed
+from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo.forward import response_logprobs
 from rlhf_trainer.ppo.models import load_models
-from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, left_pad, sample_responses
+from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, sample_responses
 from rlhf_trainer.ppo.trainer import PPOTrainer
 from rlhf_trainer.stages.ppo import save_policy
 
@@ -252,17 +253,22 @@ def test_a_stop_request_ends_sampling_early_and_leaves_the_state_of_the_last_ste
     assert not changed(before, trainer.models.policy)
 
 
-def test_reward_scores_read_the_reward_stage_format(ppo_inputs):
-    from rlhf_trainer.ppo.forward import reward_scores
-    from rlhf_trainer.reward_scoring import score
+def test_reward_scores_read_each_text_at_its_last_token_when_batched(ppo_inputs):
+    """Right padding in a batch of texts of different lengths changes no score (PPO's reward model is the value
+    model's classifier with its adapter off under LoRA; plain here)."""
+    from rlhf_trainer.reward_scoring import reward_scores, score
 
     trainer = make_trainer(ppo_inputs)
     responses = ["A lovely, moving film.", "Dull.", "An awful mess from start to finish."]
     with trainer.models.reward_model() as reward_model, torch.no_grad():
-        ours = reward_scores(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True,
-                             batch_size=2)
-        theirs = score(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True)
-    torch.testing.assert_close(ours, torch.tensor(theirs), atol=1e-5, rtol=1e-5)
+        batched = reward_scores(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True,
+                                batch_size=3)
+        alone = [reward_scores(reward_model, trainer.models.reward_tokenizer, [p], [r], chat=True, batch_size=1)
+                 for p, r in zip(PROMPTS[:3], responses)]
+        listed = score(reward_model, trainer.models.reward_tokenizer, PROMPTS[:3], responses, chat=True)
+    assert batched.shape == (3,) and len(set(batched.tolist())) == 3
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert listed == pytest.approx(batched.tolist(), abs=1e-6)
 
 
 @pytest.mark.slow

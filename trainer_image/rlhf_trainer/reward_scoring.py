@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from rlhf_trainer.padding import right_pad
+
 
 def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> list[int]:
     if chat:
@@ -21,24 +23,30 @@ def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> 
     return tokenizer(prompt + response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
 
 
-@torch.inference_mode()
-def score(
-    model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
-    batch_size: int = 16,
-) -> list[float]:
-    """Reward-model score of each (prompt, response): the scalar head at the last real token."""
-    dev = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    out: list[float] = []
+def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
+                  batch_size: int = 16) -> torch.Tensor:
+    """Reward-model score of each (prompt, response): the scalar head at the last real token.
+
+    Runs in the caller's autograd mode: :func:`score` (the reward and evaluate stages) under inference mode,
+    PPO under ``no_grad`` (ZeRO-3's parameter gathering and peft's adapter switching cannot run under inference
+    mode).
+
+    Returns:
+        (B,) float32 scores on the model's device.
+    """
+    device = next(model.parameters()).device
+    scores = []
     for start in range(0, len(prompts), batch_size):
-        seqs = [reward_input_ids(tokenizer, p, r, chat)
-                for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):  # right padding: the model reads the score at the last non-pad token
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        out.extend(float(v) for v in logits[:, 0].float().cpu())
-    return out
+        sequences = [reward_input_ids(tokenizer, p, r, chat)
+                     for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
+        ids, mask = right_pad(sequences, tokenizer.pad_token_id)  # the model reads the last non-pad token
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        scores.append(logits[:, 0].float())
+    return torch.cat(scores)
+
+
+@torch.inference_mode()
+def score(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
+          batch_size: int = 16) -> list[float]:
+    """:func:`reward_scores` under inference mode, as a list."""
+    return reward_scores(model, tokenizer, prompts, responses, chat=chat, batch_size=batch_size).tolist()

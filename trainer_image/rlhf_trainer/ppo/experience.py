@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_trainer.ppo.rollout import left_pad, position_ids, right_pad
+from rlhf_trainer.padding import left_pad, position_ids, right_pad
 
 
 @dataclass

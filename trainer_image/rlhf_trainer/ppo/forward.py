@@ -6,7 +6,7 @@ response tokens, not on the prompt, and log-probabilities come from one fused ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -14,9 +14,7 @@ import torch
 
 from rlhf_trainer.generation import logit_scale
 from rlhf_trainer.ppo.experience import Sequences
-from rlhf_trainer.reward_scoring import reward_input_ids
 from rlhf_trainer.ppo.functional import logprobs_and_entropy
-from rlhf_trainer.ppo.rollout import right_pad
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
@@ -109,26 +107,3 @@ def response_values(value_model: Any, batch: Sequences) -> torch.Tensor:
     """
     ids, attention, positions = batch.input_ids()
     return value_model(ids, attention, positions, batch.responses.shape[1]) * batch.mask
-
-
-def reward_scores(reward_model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
-                  chat: bool, batch_size: int) -> torch.Tensor:
-    """The reward model's score of each (prompt, response), read in the format it was trained on.
-
-    The text is tokenized exactly as the reward stage did (:func:`rlhf_trainer.reward_scoring.reward_input_ids`:
-    the chat template over the user and assistant turns), right-padded, and the scalar head is read at the last
-    real token. (Like ``reward_scoring.score``, but without inference mode, which ZeRO-3's parameter gathering
-    and peft's adapter switching cannot run under.)
-
-    Returns:
-        (B,) float32 scores.
-    """
-    device = next(reward_model.parameters()).device
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        sequences = [reward_input_ids(tokenizer, p, r, chat)
-                     for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        ids, mask = right_pad(sequences, tokenizer.pad_token_id)
-        logits = reward_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        scores.append(logits[:, 0].float())
-    return torch.cat(scores)

@@ -31,17 +31,12 @@ import torch
 from rlhf_operator.spec import PPOSpec
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.judges import Judge
+from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo import seeding
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
 from rlhf_trainer.ppo.folded_lora import folded_adapters
-from rlhf_trainer.ppo.forward import (
-    attention_kernel,
-    autocast,
-    response_logprobs,
-    response_values,
-    reward_scores,
-)
+from rlhf_trainer.ppo.forward import attention_kernel, autocast, response_logprobs, response_values
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
     gae,
@@ -59,7 +54,8 @@ from rlhf_trainer.ppo.kl_control import make_kl_controller
 from rlhf_trainer.ppo.learner import make_learner
 from rlhf_trainer.ppo.metrics_log import MetricsLog
 from rlhf_trainer.ppo.models import PPOModels, uses_bf16
-from rlhf_trainer.ppo.rollout import BF16Sampler, encode_prompts, episode_generators, left_pad, sample_responses
+from rlhf_trainer.reward_scoring import reward_scores
+from rlhf_trainer.ppo.rollout import BF16Sampler, encode_prompts, episode_generators, sample_responses
 
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"

@@ -1,0 +1,42 @@
+"""Token lists to padded batches: left padding for prompts a causal LM continues, right padding for text
+read at its last real token (responses, reward-model inputs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest one.
+
+    Returns:
+        ids (B, P) and attention mask (B, P), 1 on real tokens.
+    """
+    return _pad(sequences, pad_token_id, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to the longest one.
+
+    Returns:
+        ids (B, S) and attention mask (B, S), 1 on real tokens.
+    """
+    return _pad(sequences, pad_token_id, left=False)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, columns] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, columns] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding shifts nothing)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
