@@ -54,8 +54,8 @@ from rlhf_trainer.ppo.kl_control import make_kl_controller
 from rlhf_trainer.ppo.learner import make_learner
 from rlhf_trainer.ppo.metrics_log import MetricsLog
 from rlhf_trainer.ppo.models import PPOModels, uses_bf16
-from rlhf_trainer.reward_scoring import reward_scores
 from rlhf_trainer.ppo.rollout import BF16Sampler, encode_prompts, episode_generators, sample_responses
+from rlhf_trainer.reward_scoring import reward_scores
 
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
