@@ -18,7 +18,10 @@ running beside). Each process runs on tcmalloc where the machine has it, as the
 trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
-        [--gradient-checkpointing] [--accumulation 2] [--chat-template]
+        [--gradient-checkpointing] [--accumulation 2] [--chat-template] [--lora-targets q_proj v_proj]
+
+LoRA adapts every linear layer (``targetModules`` default, all-linear) unless ``--lora-targets`` names others
+(peft's own default for Llama-family models, which TRL's PPO examples ran with, is q_proj and v_proj).
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def machine_speed() -> tuple[float, float]:
     return gflops, 10 * big.numel() * 4 / (time.perf_counter() - started) / 1e9
 
 
-def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool) -> dict:
+def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
+            lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
 
@@ -99,7 +103,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
-    from rlhf_trainer.ppo.rollout import encode_prompts
+    from rlhf_trainer.generation import encode_prompts
     from rlhf_trainer.ppo.trainer import PPOTrainer
 
     config = CONFIGS[name]
@@ -112,7 +116,8 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "learningRate": 1e-6, "seed": 0, "bf16": config["bf16"],
         "stopToken": "<|endoftext|>",  # never sampled by the chat model: every response is 32 tokens
         "generation": {"maxNewTokens": 32, "temperature": 0.7},
-        "lora": {"enabled": config["lora"], "r": 16, "alpha": 32},
+        "lora": {"enabled": config["lora"], "r": 16, "alpha": 32,
+                 **({"targetModules": lora_targets} if config["lora"] else {})},
     })
     prompts = [r["prompt"] for r in read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-train"))]
     torch.manual_seed(0)
@@ -148,12 +153,14 @@ def main() -> int:
                         help="micro-batches per mini-batch (same gradient, less activation memory)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="spec.ppo.gradientCheckpointing (less activation memory, one more forward pass)")
+    parser.add_argument("--lora-targets", nargs="+", default=["all-linear"], metavar="MODULE",
+                        help="spec.ppo.lora.targetModules for the LoRA configurations (default all-linear)")
     parser.add_argument("--glibc", action="store_true", help="glibc's malloc, not tcmalloc")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args.steps, args.chat_template, args.accumulation,
-                                                 args.gradient_checkpointing)), flush=True)
+                                                 args.gradient_checkpointing, args.lora_targets)), flush=True)
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
@@ -169,6 +176,7 @@ def main() -> int:
                    "--accumulation", str(args.accumulation)]
         command += ["--chat-template"] if args.chat_template else []
         command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        command += ["--lora-targets", *args.lora_targets]
         speed_before = machine_speed()  # measured here, outside the process whose peak RSS is reported
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
         gflops, read_gbps = (sum(pair) / 2 for pair in zip(speed_before, machine_speed()))
@@ -184,6 +192,7 @@ def main() -> int:
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "
               f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
+              f"{'LoRA on ' + ' '.join(args.lora_targets) + ', ' if CONFIGS[name]['lora'] else ''}"
               f"{time.monotonic() - started:.0f} s wall]", flush=True)
     return 0
 
