@@ -10,11 +10,12 @@ import torch
 
 from rlhf_operator.spec import ModelSpec, PPOSpec
 from rlhf_trainer import models as hf_models
-from rlhf_trainer.ppo import distributed
+from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.padding import left_pad
+from rlhf_trainer.ppo import distributed
 from rlhf_trainer.ppo.forward import response_logprobs
 from rlhf_trainer.ppo.models import load_models
-from rlhf_trainer.ppo.rollout import encode_prompts, episode_generators, sample_responses
+from rlhf_trainer.ppo.rollout import episode_generators
 from rlhf_trainer.ppo.trainer import PPOTrainer
 from rlhf_trainer.stages.ppo import save_policy
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhf_operator.spec import PPOGuardrails
+from rlhf_trainer.generation import sample_tokens
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
@@ -25,7 +26,6 @@ from rlhf_trainer.ppo.functional import (
 )
 from rlhf_trainer.ppo.guardrails import Guardrails
 from rlhf_trainer.ppo.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from rlhf_trainer.ppo.rollout import sample_tokens
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])  # picks 1, 2, 4

@@ -12,9 +12,9 @@ from rlhf_trainer.cli import main as train_main
 from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import Sample
-from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
+from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
 from rlhf_trainer.stages.reward import margin
@@ -92,6 +92,29 @@ def test_sample_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
         torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
     if temperature != 1.0:  # the scaling is not a no-op on this model
         assert not torch.allclose(got[0], sample_logprobs(model, samples, 0, temperature=1.0)[0], atol=1e-3)
+
+
+def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_dir):
+    """The stages' sampler (preferences, evaluate): one generator per answer, so batching changes nothing."""
+    from rlhf_operator.spec import GenerationSpec
+    from rlhf_trainer.generation import sample
+    from rlhf_trainer.models import load_causal_lm
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)  # adds its own pad token, as the stages load it
+    model = load_causal_lm(tiny_model_dir, spec, tok).eval()
+    gen = GenerationSpec(maxNewTokens=12, temperature=1.0)
+    prompts = ["Review a heist film", "Review a ghost story set in a lighthouse", "Review a heist film"]
+    one_by_one = sample(model, tok, prompts, gen, batch_size=1, seed=3)
+    batched = sample(model, tok, prompts, gen, batch_size=3, seed=3)
+    assert batched == one_by_one
+    assert batched[0].response_ids != batched[2].response_ids  # the same prompt twice: two draws
+    assert sample(model, tok, prompts, gen, batch_size=3, seed=4) != batched
+    for answer, prompt in zip(batched, prompts):
+        assert answer.prompt == prompt and 0 < len(answer.response_ids) <= 12
+        assert answer.has_eos == (tok.eos_token_id in answer.response_ids)
+        assert tok.pad_token_id not in answer.response_ids[:-1]
+        assert answer.text == tok.decode(answer.response_ids, skip_special_tokens=True).strip()
 
 
 def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):

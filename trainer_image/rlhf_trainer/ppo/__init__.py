@@ -7,7 +7,7 @@ Read in this order:
 * ``functional.py``: the math as pure tensor functions (masked whitening, KL estimators, stop-token truncation,
   missing-EOS penalty, reward placement, GAE, clipped losses), each tested against hand-computed values.
 * ``experience.py``: what one step carries from the rollout to the update, with tensor shapes.
-* ``rollout.py``: batched, left-padded sampling with the KV cache and one seeded generator per episode.
+* ``rollout.py``: one seeded generator per episode (the decoding loop is ``rlhf_trainer.generation``).
 * ``forward.py``: log-probabilities and values of a batch (LM head on response positions only).
 * ``models.py``: loading policy, reference, value and reward models; what LoRA shares.
 * ``kl_control.py``, ``guardrails.py``, ``metrics_log.py``: beta, warning flags, per-step metrics.

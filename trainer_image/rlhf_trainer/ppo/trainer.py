@@ -30,6 +30,7 @@ import torch
 
 from rlhf_operator.spec import PPOSpec
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.judges import Judge
 from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo import seeding
@@ -54,7 +55,7 @@ from rlhf_trainer.ppo.kl_control import make_kl_controller
 from rlhf_trainer.ppo.learner import make_learner
 from rlhf_trainer.ppo.metrics_log import MetricsLog
 from rlhf_trainer.ppo.models import PPOModels, uses_bf16
-from rlhf_trainer.ppo.rollout import BF16Sampler, encode_prompts, episode_generators, sample_responses
+from rlhf_trainer.ppo.rollout import BF16Sampler, episode_generators
 from rlhf_trainer.reward_scoring import reward_scores
 
 TRAINER_STATE = "trainer_state.json"
