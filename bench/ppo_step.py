@@ -101,9 +101,9 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
 
     from rlhf_operator.spec import ModelSpec, PPOSpec
     from rlhf_trainer.data import builtin_dataset_path, read_rows
+    from rlhf_trainer.generation import encode_prompts
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
-    from rlhf_trainer.generation import encode_prompts
     from rlhf_trainer.ppo.trainer import PPOTrainer
 
     config = CONFIGS[name]

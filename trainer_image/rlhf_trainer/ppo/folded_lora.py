@@ -3,9 +3,10 @@
 peft computes a LoRA layer as ``base(x) + B(A(dropout(x))) * scaling``: three matrix products and a few more
 operations instead of one. In training that is the point (only A and B get gradients); in decoding, where
 each token runs every layer with a handful of rows, the extra operations are small but many (five per layer
-and token) and add about a fifth to sampling. Folding ``W + scaling * B @ A`` once per rollout into a copy and decoding with one product
-per layer takes that out (measured on the 2-core CPU, SmolLM2-135M, 8 prompts x 32 tokens, all-linear r=16,
-medians of 8 interleaved rollouts: 2.96 s unfolded, 2.50 s folded, about what the model without adapters takes).
+and token) and add about a fifth to sampling. Folding ``W + scaling * B @ A`` once per rollout into a copy
+and decoding with one product per layer takes that out (measured on the 2-core CPU, SmolLM2-135M, 8 prompts x
+32 tokens, all-linear r=16, medians of 8 interleaved rollouts: 2.96 s unfolded, 2.50 s folded, about what the
+model without adapters takes).
 
 The copy costs the adapted layers' weights once more while sampling (freed after; under ZeRO-3 it is made from
 the gathered weights, a whole copy in every process). The model's own weights are never touched: merging into
@@ -62,8 +63,8 @@ def folded_adapters(model: nn.Module) -> Iterator[None]:
     try:
         with torch.no_grad():
             for layer in layers:
-                bias = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
-                layer.forward = _folded_forward(_folded_weight(layer), bias, layer.forward)  # shadows the method
+                layer.forward = _folded_forward(_folded_weight(layer), layer.base_layer.bias,  # shadows the method
+                                                layer.forward)
         yield
     finally:
         for layer in layers:

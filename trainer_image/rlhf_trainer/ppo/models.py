@@ -31,6 +31,7 @@ from torch import nn
 from rlhf_operator.spec import ModelSpec, PPOSpec, QuantizationSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.ppo.forward import transformers_model
 
 
 class TokenValues(nn.Module):
@@ -51,7 +52,7 @@ class TokenValues(nn.Module):
         Returns:
             (B, R) float32 values (read at positions P-1 .. P+R-2: the state before each response token).
         """
-        inner = self.classifier.get_base_model() if hasattr(self.classifier, "get_base_model") else self.classifier
+        inner = transformers_model(self.classifier)
         backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
@@ -128,8 +129,7 @@ def _trained_in_float32(net: nn.Module) -> nn.Module:
 def _activation_checkpointed(net: nn.Module) -> nn.Module:
     """Each decoder layer keeps only its input for the backward pass and runs again there (torch's
     non-reentrant checkpointing, which needs no input that requires grad: LoRA's frozen embeddings work)."""
-    inner = net.get_base_model() if hasattr(net, "get_base_model") else net
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    transformers_model(net).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return net
 
 
