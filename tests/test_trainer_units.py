@@ -81,8 +81,9 @@ def test_sample_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
     from rlhf_trainer.stages.evaluate import sample_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    samples = [Sample("a", [3, 4, 5], [6, 7], "", False), Sample("b", [8], [9, 10, 11], "", False)]
-    got = sample_logprobs(model, samples, pad_token_id=0, temperature=temperature)
+    samples = [Sample("c", [3], [4, 5, 6, 7], "", False), Sample("a", [3, 4, 5], [6, 7], "", False),
+               Sample("b", [8], [9, 10, 11], "", False)]
+    got = sample_logprobs(model, samples, pad_token_id=0, temperature=temperature, batch_size=2)  # [a, b], [c]
     for sample, logps in zip(samples, got):  # one unpadded sequence at a time, full log_softmax
         seq = torch.tensor([sample.prompt_ids + sample.response_ids])
         with torch.no_grad():
@@ -116,6 +117,27 @@ def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_di
         assert tok.pad_token_id not in answer.response_ids[:-1]
         assert answer.text == tok.decode(answer.response_ids, skip_special_tokens=True).strip()
 
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, temperature):
+    """The evaluate stage reads the policy's log-probabilities from its sampling pass, not a second forward pass."""
+    from rlhf_operator.spec import GenerationSpec
+    from rlhf_trainer.generation import sample
+    from rlhf_trainer.models import load_causal_lm
+    from rlhf_trainer.stages.evaluate import sample_logprobs
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)
+    model = load_causal_lm(tiny_model_dir, spec, tok).eval()
+    prompts = ["Review a heist film", "Review a ghost story set in a lighthouse", "Review a musical"]
+    answers = sample(model, tok, prompts, GenerationSpec(maxNewTokens=12, temperature=temperature), batch_size=3,
+                     seed=5)
+    forward = sample_logprobs(model, answers, tok.pad_token_id, temperature)
+    for answer, expected in zip(answers, forward):
+        assert len(answer.logprobs) == len(answer.response_ids) > 0
+        torch.testing.assert_close(torch.tensor(answer.logprobs), expected, atol=1e-4, rtol=1e-4)
+    assert len({len(a.prompt_ids) for a in answers}) == 3  # left-padded prompts of three lengths
 
 def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):
     from datasets import Dataset

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,9 @@ class Sample:
     response_ids: list[int]  # generated tokens up to and including the first EOS
     text: str  # the response decoded without special tokens
     has_eos: bool
+    # each response token's log-probability as sampled (temperature-scaled); float rounding differs with the
+    # batch an answer was decoded in, so two samples are equal when their tokens and texts are
+    logprobs: tuple[float, ...] = field(default=(), compare=False)
 
 
 def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
@@ -201,12 +204,13 @@ def sample(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         rows = range(start, min(start + batch_size, len(prompts)))
         queries, query_mask = left_pad([prompt_ids[i] for i in rows], pad)
-        responses, _ = sample_responses(model, queries.to(device), query_mask.to(device), gen, stop_token_id=stop,
-                                        pad_token_id=pad,
-                                        generators=[generator(seed, "sample", i, device=device) for i in rows])
-        for i, response in zip(rows, responses.tolist()):
+        responses, logprobs = sample_responses(
+            model, queries.to(device), query_mask.to(device), gen, stop_token_id=stop, pad_token_id=pad,
+            generators=[generator(seed, "sample", i, device=device) for i in rows])
+        for i, response, response_logprobs in zip(rows, responses.tolist(), logprobs.tolist()):
             has_eos = stop in response
             response = response[:response.index(stop) + 1] if has_eos else response
             text = tokenizer.decode(response, skip_special_tokens=True).strip()
-            out.append(Sample(prompts[i], prompt_ids[i], response, text, has_eos))
+            out.append(Sample(prompts[i], prompt_ids[i], response, text, has_eos,
+                              tuple(response_logprobs[:len(response)])))
     return out

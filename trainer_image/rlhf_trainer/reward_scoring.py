@@ -34,19 +34,28 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     Returns:
         (B,) float32 scores on the model's device.
     """
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        sequences = [reward_input_ids(tokenizer, p, r, chat)
-                     for p, r in zip(prompts[start:start + batch_size], responses[start:start + batch_size])]
-        ids, mask = right_pad(sequences, tokenizer.pad_token_id)  # the model reads the last non-pad token
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        scores.append(logits[:, 0].float())
-    return torch.cat(scores)
+    sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
+    return _scores(model, sequences, tokenizer.pad_token_id, range(len(sequences)), batch_size)
 
 
 @torch.inference_mode()
 def score(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
           batch_size: int = 16) -> list[float]:
-    """:func:`reward_scores` under inference mode, as a list."""
-    return reward_scores(model, tokenizer, prompts, responses, chat=chat, batch_size=batch_size).tolist()
+    """:func:`reward_scores` under inference mode, as a list, batching texts of similar length together (the
+    stages score hundreds of texts: sorted, a batch carries a few tokens of padding instead of a fifth)."""
+    sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    return _scores(model, sequences, tokenizer.pad_token_id, order, batch_size).tolist()
+
+
+def _scores(model: Any, sequences: list[list[int]], pad_token_id: int, order: Sequence[int],
+            batch_size: int) -> torch.Tensor:
+    """Scores of token sequences, computed in batches of ``batch_size`` taken in ``order``; returned in input order."""
+    device = next(model.parameters()).device
+    scores = torch.empty(len(sequences), device=device)
+    for start in range(0, len(order), batch_size):
+        rows = list(order[start:start + batch_size])
+        ids, mask = right_pad([sequences[i] for i in rows], pad_token_id)  # the model reads the last non-pad token
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        scores[rows] = logits[:, 0].float()
+    return scores

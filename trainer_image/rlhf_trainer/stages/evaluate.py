@@ -8,7 +8,8 @@ token KL to the reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's ow
 Detail: the KL is that of the distributions the responses were sampled from: both models' logits divided by the
 sampling temperature, as PPO's rollouts and its ``objective/kl`` use them. (Temperature-1 log-probabilities on
 responses sampled at another temperature estimate neither that KL nor the temperature-1 one, which would need
-responses sampled at temperature 1.)
+responses sampled at temperature 1.) As in PPO's rollouts, the policy's log-probabilities are those its
+sampling pass recorded, and only the reference runs a forward pass over the policy's responses.
 
 Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, ``samples.jsonl``, and
 ``evaluation.png`` (judge-score histograms plus every training curve the earlier stages logged).
@@ -52,14 +53,18 @@ def mean_kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[to
 def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, temperature: float,
                     batch_size: int = 16) -> list[torch.Tensor]:
     """Log-probability of each response token under ``model`` sampling at ``temperature``: one 1-D tensor per
-    sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.ppo.forward.response_logprobs`)."""
+    sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.ppo.forward.response_logprobs`), in
+    batches of samples of similar lengths (little padding)."""
     device = next(model.parameters()).device
-    out: list[torch.Tensor] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batch = sequences([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_token_id, device)
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].response_ids), len(samples[i].prompt_ids)))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = sequences([samples[i].prompt_ids for i in rows], [samples[i].response_ids for i in rows],
+                          pad_token_id, device)
         logprobs, _ = forward.response_logprobs(model, batch, temperature)
-        out.extend(row[keep].cpu() for row, keep in zip(logprobs, batch.mask))
+        for i, row, keep in zip(rows, logprobs, batch.mask):
+            out[i] = row[keep].cpu()
     return out
 
 
@@ -94,7 +99,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     samples = {"sft": ref_samples}
     if "policy" in ws.config.inputs:
-        policy_model, _, samples["policy"], policy_dir = answer("policy")
+        _, _, samples["policy"], policy_dir = answer("policy")
     judge_scores = {name: judge.score(prompts, [s.text for s in out]) for name, out in samples.items()}
 
     rm_scores: dict[str, list[float]] = {}
@@ -116,7 +121,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     if "policy" in samples:
         pad = tokenizer.pad_token_id
         temperature = settings.generation.temperature
-        kl = mean_kl_per_token(sample_logprobs(policy_model, samples["policy"], pad, temperature),
+        kl = mean_kl_per_token([torch.tensor(s.logprobs) for s in samples["policy"]],
                                sample_logprobs(ref_model, samples["policy"], pad, temperature))
         metrics.update({f"policy/{k}": v for k, v in results["policy"].items()})
         metrics["policy/win_rate_vs_sft"] = win_rate(judge_scores["policy"], judge_scores["sft"])

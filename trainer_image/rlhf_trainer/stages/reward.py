@@ -93,7 +93,7 @@ def run(ws: Workspace) -> dict[str, Any]:
         train_dataset=dataset(train_rows),
         processing_class=tokenizer,
         peft_config=models.lora_config(settings.lora, "SEQ_CLS") if settings.lora.enabled else None,
-        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log, ws)],
+        callbacks=hf_training.stage_callbacks(ws, stopper, log),
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
 

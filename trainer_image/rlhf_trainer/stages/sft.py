@@ -49,7 +49,7 @@ def run(ws: Workspace) -> dict[str, Any]:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=models.lora_config(settings.lora, "CAUSAL_LM") if settings.lora.enabled else None,
-        callbacks=[hf_training.StoreCheckpoints(ws), stopper, hf_training.JsonlLog(log, ws)],
+        callbacks=hf_training.stage_callbacks(ws, stopper, log),
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
 
