@@ -96,7 +96,8 @@ class JobWatch:
         if event["type"] == "ADDED":
             self.added.setdefault(name, now)
             labels = job.metadata.labels or {}
-            self.stage_of[name] = (labels.get("rlhf-operator.io/pipeline", ""), labels.get("rlhf-operator.io/stage", ""))
+            self.stage_of[name] = (labels.get("rlhf-operator.io/pipeline", ""),
+                                   labels.get("rlhf-operator.io/stage", ""))
         if any(c.type == "Complete" and c.status == "True" for c in job.status.conditions or []):
             self.complete.setdefault(name, now)
 

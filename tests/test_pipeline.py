@@ -146,9 +146,9 @@ def test_the_same_spec_twice_gives_the_same_checkpoints(tiny_model_dir, tmp_path
 
 
 def run_cli(pipeline: Path, workdir: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlhf_operator.cli", "run", str(pipeline), "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            **kwargs)
+    command = [sys.executable, "-m", "rlhf_operator.cli", "run", str(pipeline), "--workdir", str(workdir)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
 
 
 def test_kill_during_reward_then_rerun_resumes_without_redoing_sft(tiny_model_dir, tmp_path):
@@ -162,7 +162,8 @@ def test_kill_during_reward_then_rerun_resumes_without_redoing_sft(tiny_model_di
     parsed = parse_pipeline(doc)
     reward_uri = build_stage_config(parsed, Stage.REWARD, root).output_uri
     reward_checkpoint = Path(reward_uri.removeprefix("file://")) / "checkpoints" / "latest.json"
-    sft_manifest = Path(build_stage_config(parsed, Stage.SFT, root).output_uri.removeprefix("file://")) / "manifest.json"
+    sft_uri = build_stage_config(parsed, Stage.SFT, root).output_uri
+    sft_manifest = Path(sft_uri.removeprefix("file://")) / "manifest.json"
 
     proc = run_cli(pipeline, workdir)
     deadline = time.monotonic() + 300

@@ -91,7 +91,8 @@ def test_two_node_stage_is_an_indexed_job_under_a_headless_service():
     env = env_of(job)
     assert env["MASTER_ADDR"]["value"] == f"{ppo.name}-0.{ppo.name}" == env["PET_MASTER_ADDR"]["value"]
     assert env["MASTER_PORT"]["value"] == "29511" and env["WORLD_SIZE"]["value"] == "2"
-    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    rank_field = env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert rank_field.endswith("['batch.kubernetes.io/job-completion-index']")
     assert env["RANK"]["value"] == "$(NODE_RANK)" and env["PET_NODE_RANK"]["value"] == "$(NODE_RANK)"
     assert env["PET_NNODES"]["value"] == "2" and env["PET_NPROC_PER_NODE"]["value"] == "1"
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -215,7 +216,8 @@ def test_a_running_stage_without_new_steps_is_stalled():
     assert first.stages[0].progress.step == 40
     later = build_status(running, facts, first, generation=1, now=t0 + dt.timedelta(minutes=11), stall_after_s=600)
     stalled = next(c for c in later.conditions if c.type == "Stalled")
-    assert stalled.status == "True" and stalled.reason == "NoProgress" and "since 2026-01-01T00:00:00Z" in stalled.message
+    assert stalled.status == "True" and stalled.reason == "NoProgress"
+    assert "since 2026-01-01T00:00:00Z" in stalled.message
     moved = {Stage.SFT: StageFacts(Stage.SFT, job_name=sft.name, step=50)}
     again = build_status(running, moved, later, generation=1, now=t0 + dt.timedelta(minutes=12), stall_after_s=600)
     assert next(c for c in again.conditions if c.type == "Stalled").status == "False"

@@ -37,7 +37,8 @@ def builtin_model_dir(uri: str) -> Path:
     """Local safetensors folder of a builtin model, converting it on first use (a lock guards concurrent runs)."""
     name = uri.removeprefix("builtin://").strip("/")
     if name not in BUILTIN_MODELS:
-        raise ConfigError(f"unknown builtin model {uri!r}: known are {', '.join(f'builtin://{n}' for n in BUILTIN_MODELS)}")
+        known = ", ".join(f"builtin://{n}" for n in BUILTIN_MODELS)
+        raise ConfigError(f"unknown builtin model {uri!r}: known are {known}")
     source = BUILTIN_MODELS[name]
     target = cache_root() / "models" / f"{name}-{source.version}"
     if (target / ".complete").exists():

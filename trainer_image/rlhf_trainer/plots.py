@@ -52,7 +52,8 @@ def evaluation_figure(
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 3.4), squeeze=False)
     ax = axes[0][0]
     for label, scores in judge_scores.items():
-        ax.hist(list(scores), bins=20, range=(-1, 1), alpha=0.55, label=f"{label} (mean {sum(scores) / max(len(scores), 1):+.2f})")
+        mean = sum(scores) / max(len(scores), 1)
+        ax.hist(list(scores), bins=20, range=(-1, 1), alpha=0.55, label=f"{label} (mean {mean:+.2f})")
     ax.set_title("gold judge on held-out prompts")
     ax.set_xlabel("judge score")
     ax.legend(fontsize=8)

@@ -90,9 +90,9 @@ class Workspace:
             try:
                 fetch(ref.uri, target, store)
             except NotFoundError as err:
+                producer = f"the {ref.produced_by.value} stage" if ref.produced_by else "the stage"
                 raise ConfigError(
-                    f"input '{role}' ({ref.uri}) has no manifest: the {ref.produced_by.value if ref.produced_by else 'stage'} "
-                    f"stage that produces it has not finished ({err})"
+                    f"input '{role}' ({ref.uri}) has no manifest: {producer} that produces it has not finished ({err})"
                 ) from err
             return target
         objects = store.list(ref.uri.rstrip("/") + "/")

@@ -93,7 +93,8 @@ class Metrics:
                      "# TYPE rlhf_operator_pipelines gauge"]
             lines += [f'rlhf_operator_pipelines{{phase="{p}"}} {n}' for p, n in sorted(by_phase.items())]
             lines += ["# HELP rlhf_operator_reconcile_total Reconciles run.",
-                      "# TYPE rlhf_operator_reconcile_total counter", f"rlhf_operator_reconcile_total {self.reconciles}",
+                      "# TYPE rlhf_operator_reconcile_total counter",
+                      f"rlhf_operator_reconcile_total {self.reconciles}",
                       "# HELP rlhf_operator_reconcile_errors_total Reconciles that failed, by error.",
                       "# TYPE rlhf_operator_reconcile_errors_total counter"]
             lines += [f"rlhf_operator_reconcile_errors_total{_labels((('error', e),))} {n}"

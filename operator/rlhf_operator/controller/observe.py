@@ -60,10 +60,11 @@ def _condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 def _first_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pods of completion index 0 (every pod of a non-indexed Job): one per attempt."""
-    indexed = [p for p in pods if "batch.kubernetes.io/job-completion-index" in (p["metadata"].get("annotations") or {})]
+    index = "batch.kubernetes.io/job-completion-index"
+    indexed = [p for p in pods if index in (p["metadata"].get("annotations") or {})]
     if not indexed:
         return pods
-    return [p for p in indexed if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"]
+    return [p for p in indexed if p["metadata"]["annotations"][index] == "0"]
 
 
 def termination_error(pods: list[dict[str, Any]]) -> str:
