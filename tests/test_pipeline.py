@@ -112,7 +112,6 @@ def test_sft_changes_the_weights(tiny_model_dir, tmp_path):
     assert after["model.embed_tokens.weight"].shape[0] == before["model.embed_tokens.weight"].shape[0] + 1  # <|pad|>
 
 
-
 def test_sft_checkpoints_every_save_steps_but_not_after_its_last_step(tiny_model_dir, tmp_path):
     doc = tiny_pipeline(tiny_model_dir, "tiny-save", storage={"keepCheckpoints": True})
     for stage in ("preferences", "reward", "evaluate"):
@@ -125,6 +124,7 @@ def test_sft_checkpoints_every_save_steps_but_not_after_its_last_step(tiny_model
     # steps 2 and 4; the run's end is the published output itself, not another checkpoint
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "latest.json"]
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["global_step"] == 4
+
 
 def test_the_same_spec_twice_gives_the_same_checkpoints(tiny_model_dir, tmp_path):
     """Weights a stage creates at random (the pad token's embedding row) are seeded."""

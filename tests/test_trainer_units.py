@@ -118,7 +118,6 @@ def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_di
         assert answer.text == tok.decode(answer.response_ids, skip_special_tokens=True).strip()
 
 
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, temperature):
     """The evaluate stage reads the policy's log-probabilities from its sampling pass, not a second forward pass."""
@@ -138,6 +137,7 @@ def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, 
         assert len(answer.logprobs) == len(answer.response_ids) > 0
         torch.testing.assert_close(torch.tensor(answer.logprobs), expected, atol=1e-4, rtol=1e-4)
     assert len({len(a.prompt_ids) for a in answers}) == 3  # left-padded prompts of three lengths
+
 
 def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):
     from datasets import Dataset

@@ -41,8 +41,8 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
 @torch.inference_mode()
 def score(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
           batch_size: int = 16) -> list[float]:
-    """:func:`reward_scores` under inference mode, as a list, batching texts of similar length together (the
-    stages score hundreds of texts: sorted, a batch carries a few tokens of padding instead of a fifth)."""
+    """:func:`reward_scores` under inference mode, as a list; the texts are batched in order of length (the
+    stages score hundreds of texts of varied lengths: sorted, a batch carries little padding)."""
     sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     return _scores(model, sequences, tokenizer.pad_token_id, order, batch_size).tolist()
