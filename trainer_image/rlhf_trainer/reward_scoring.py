@@ -24,38 +24,32 @@ def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> 
 
 
 def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
-                  batch_size: int = 16) -> torch.Tensor:
+                  batch_size: int = 16, by_length: bool = False) -> torch.Tensor:
     """Reward-model score of each (prompt, response): the scalar head at the last real token.
 
     Runs in the caller's autograd mode: :func:`score` (the reward and evaluate stages) under inference mode,
     PPO under ``no_grad`` (ZeRO-3's parameter gathering and peft's adapter switching cannot run under inference
-    mode).
+    mode). ``by_length``: batch the texts in order of length (for hundreds of texts of varied lengths: sorted, a
+    batch carries little padding); the scores come back in input order either way.
 
     Returns:
         (B,) float32 scores on the model's device.
     """
+    device = next(model.parameters()).device
     sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
-    return _scores(model, sequences, tokenizer.pad_token_id, range(len(sequences)), batch_size)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i])) if by_length else range(len(sequences))
+    scores = torch.empty(len(sequences), device=device)
+    for start in range(0, len(order), batch_size):
+        rows = list(order[start:start + batch_size])
+        ids, mask = right_pad([sequences[i] for i in rows], tokenizer.pad_token_id)  # read at the last real token
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        scores[rows] = logits[:, 0].float()
+    return scores
 
 
 @torch.inference_mode()
 def score(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
           batch_size: int = 16) -> list[float]:
-    """:func:`reward_scores` under inference mode, as a list; the texts are batched in order of length (the
-    stages score hundreds of texts of varied lengths: sorted, a batch carries little padding)."""
-    sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    return _scores(model, sequences, tokenizer.pad_token_id, order, batch_size).tolist()
-
-
-def _scores(model: Any, sequences: list[list[int]], pad_token_id: int, order: Sequence[int],
-            batch_size: int) -> torch.Tensor:
-    """Scores of token sequences, computed in batches of ``batch_size`` taken in ``order``; returned in input order."""
-    device = next(model.parameters()).device
-    scores = torch.empty(len(sequences), device=device)
-    for start in range(0, len(order), batch_size):
-        rows = list(order[start:start + batch_size])
-        ids, mask = right_pad([sequences[i] for i in rows], pad_token_id)  # the model reads the last non-pad token
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        scores[rows] = logits[:, 0].float()
-    return scores
+    """:func:`reward_scores` under inference mode, batched by length, as a list."""
+    return reward_scores(model, tokenizer, prompts, responses, chat=chat, batch_size=batch_size,
+                         by_length=True).tolist()
