@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rlhf_operator.spec import GenerationSpec
 from rlhf_trainer.padding import left_pad, position_ids
-from rlhf_trainer.ppo.seeding import generator
+from rlhf_trainer.seeding import generator
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,6 @@ Read in this order:
 * ``forward.py``: log-probabilities and values of a batch (LM head on response positions only).
 * ``models.py``: loading policy, reference, value and reward models; what LoRA shares.
 * ``kl_control.py``, ``guardrails.py``, ``metrics_log.py``: beta, warning flags, per-step metrics.
-* ``learner.py``, ``distributed.py``, ``checkpoint.py``, ``seeding.py``: optimizers (plain or DeepSpeed
-  ZeRO), processes, checkpoints in the store, reproducible randomness.
+* ``learner.py``, ``distributed.py``, ``checkpoint.py``: optimizers (plain or DeepSpeed ZeRO), processes,
+  checkpoints in the store. Reproducible randomness is ``rlhf_trainer.seeding`` (shared with the sampling stages).
 """

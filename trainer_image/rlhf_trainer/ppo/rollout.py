@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from rlhf_trainer.ppo.seeding import generator
+from rlhf_trainer.seeding import generator
 
 
 def episode_generators(seed: int, episodes: Sequence[int], device: torch.device) -> list[torch.Generator]:

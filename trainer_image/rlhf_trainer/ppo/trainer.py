@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from rlhf_operator.spec import PPOSpec
+from rlhf_trainer import seeding
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.judges import Judge
 from rlhf_trainer.padding import left_pad
-from rlhf_trainer.ppo import seeding
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
 from rlhf_trainer.ppo.folded_lora import folded_adapters

@@ -1,10 +1,10 @@
 """Randomness as a function of the run's seed: derived seeds, and the global RNG states for checkpoints.
 
 Every random choice of the PPO loop (which prompts a step rolls out, each episode's sampling, each epoch's
-mini-batch order) draws from a generator seeded by :func:`derive_seed` from the run's seed and what the choice
-is about. Nothing depends on how many processes there are or on what ran before in the process, so a resumed
-run continues exactly as an uninterrupted one. The global RNG states are still checkpointed, for any model
-code that draws from them.
+mini-batch order), and each answer the preferences and evaluate stages sample, draws from a generator seeded by
+:func:`derive_seed` from the run's seed and what the choice is about. Nothing depends on how many processes
+there are or on what ran before in the process, so a resumed run continues exactly as an uninterrupted one. The
+global RNG states are still checkpointed, for any model code that draws from them.
 """
 
 from __future__ import annotations
