@@ -11,11 +11,14 @@ as the demo pipeline does (about 64 tokens: the template adds a default system p
 
 Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
 float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
-step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the load average
-(other work on the machine slows every figure) and the machine's speed around the run (a float32 matrix
-product and a memory read: on a shared virtual machine they drift by up to half between hours, with nothing
-running beside). Each process runs on tcmalloc where the machine has it, as the
-trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc instead.
+step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the work of one step in
+matrix products (counted by torch's ``FlopCounterMode`` over one more, untimed step: linear layers and LM head;
+CPU attention kernels are not counted) and, in float32, how long that work alone takes at the machine's
+measured rate (the floor the step time approaches), the load average (other work on the machine slows every
+figure) and the machine's speed around the run (a float32 matrix product and a memory read: on a shared
+virtual machine they drift by up to half between hours, with nothing running beside). Each process runs on
+tcmalloc where the machine has it, as the trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's
+malloc instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
         [--gradient-checkpointing] [--accumulation 2] [--chat-template] [--lora-targets q_proj v_proj]
@@ -98,6 +101,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
             lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from rlhf_operator.spec import ModelSpec, PPOSpec
     from rlhf_trainer.data import builtin_dataset_path, read_rows
@@ -111,7 +115,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     spec = ModelSpec(uri=MODEL)
     settings = PPOSpec.model_validate({
         "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
-        "batchSize": 8, "miniBatchSize": 8, "numPpoEpochs": 1, "totalEpisodes": 8 * (steps + 1),
+        "batchSize": 8, "miniBatchSize": 8, "numPpoEpochs": 1, "totalEpisodes": 8 * (steps + 2),
         "gradientAccumulationSteps": accumulation, "gradientCheckpointing": checkpointing,
         "learningRate": 1e-6, "seed": 0, "bf16": config["bf16"],
         "stopToken": "<|endoftext|>",  # never sampled by the chat model: every response is 32 tokens
@@ -125,8 +129,12 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
                          use_chat_template=chat_template)
     load_before = os.getloadavg()[0]
-    history = trainer.train()
+    history = [trainer.train_step() for _ in range(steps + 1)]
     timed = history[1:]
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    load_average = (load_before + os.getloadavg()[0]) / 2
+    with FlopCounterMode(display=False) as flops:  # one more step, not timed: the work a step does
+        trainer.train_step()
     prompt_tokens = statistics.fmean(len(ids) for ids in encode_prompts(trainer.models.tokenizer, prompts,
                                                                          chat_template))
     return {
@@ -137,10 +145,11 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "update": statistics.fmean(m["time/update"] for m in timed),
         "response_tokens": statistics.fmean(m["response/length"] for m in timed),
         "prompt_tokens": prompt_tokens,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": peak_rss_gb,
+        "matmul_gflop": flops.get_total_flops() / 1e9,
         "threads": torch.get_num_threads(),
         "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
-        "load_average": (load_before + os.getloadavg()[0]) / 2,
+        "load_average": load_average,
     }
 
 
@@ -185,8 +194,11 @@ def main() -> int:
             print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
         r = json.loads(results[0])
+        # float32 products at the measured rate; bf16 products run at another (AMX) rate
+        floor = "" if CONFIGS[name]["bf16"] else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)"
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
+              f"{r['matmul_gflop']:.0f} GFLOP of matrix products per step{floor}, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
               f"machine now {gflops:.0f} GFLOP/s and {read_gbps:.0f} GB/s "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
