@@ -9,16 +9,16 @@ one the model does not produce, so every response has the full length), 1 PPO ep
 Prompts are the plain prompt text (about 35 tokens); ``--chat-template`` wraps them in SmolLM2's chat template
 as the demo pipeline does (about 64 tokens: the template adds a default system prompt).
 
-Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in
-float32 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per
-step (rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the work of one step in
-matrix products (counted by torch's ``FlopCounterMode`` over one more, untimed step: linear layers, LM head,
-and attention where it runs as plain products; SDPA's CPU kernel is not counted) and, in float32, how long that work alone takes at the machine's
-measured rate (the floor the step time approaches), the load average (other work on the machine slows every
-figure) and the machine's speed around the run (a float32 matrix product and a memory read: on a shared
-virtual machine they drift by up to half between hours, with nothing running beside). Each process runs on
-tcmalloc where the machine has it, as the trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's
-malloc instead.
+Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in float32
+and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per step
+(rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the work of one step in matrix
+products (counted by torch's ``FlopCounterMode`` over one more, untimed step: linear layers, LM head, and attention
+where it runs as plain products; SDPA's CPU kernel is not counted) and, in float32, how long that work alone takes
+at the machine's measured rate (the floor the step time approaches), the load average (other work on the machine
+slows every figure) and the machine's speed around the run (a float32 matrix product and a memory read: on a shared
+virtual machine they drift by up to half between hours, with nothing running beside). Each process runs on tcmalloc
+where the machine has it, as the trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc
+instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
         [--gradient-checkpointing] [--accumulation 2] [--chat-template] [--lora-targets q_proj v_proj]
