@@ -14,6 +14,7 @@ from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import Sample
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
+from rlhf_trainer.padding import index_batches
 from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
@@ -71,6 +72,12 @@ def test_sequences_left_pad_prompts_and_right_pad_responses():
     assert ids.tolist() == [[5, 6, 7, 8], [0, 9, 10, 0]]
     assert attention.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
     assert positions[:, :3].tolist() == [[0, 1, 2], [0, 0, 1]]
+
+
+def test_index_batches_in_input_order_or_sorted_by_a_key_stably():
+    assert index_batches(5, 2) == [[0, 1], [2, 3], [4]]
+    lengths = [7, 3, 9, 3, 1]
+    assert index_batches(5, 2, key=lengths.__getitem__) == [[4, 1], [3, 0], [2]]  # equal lengths: 1 before 3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])

@@ -1,9 +1,11 @@
 """Token lists to padded batches: left padding for prompts a causal LM continues, right padding for text
-read at its last real token (responses, reward-model inputs)."""
+read at its last real token (responses, reward-model inputs); batches of similar lengths, which carry little
+padding."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +37,13 @@ def _pad(sequences: Sequence[Sequence[int]], pad_token_id: int, left: bool) -> t
         ids[row, columns] = torch.tensor(list(seq), dtype=torch.long)
         mask[row, columns] = 1
     return ids, mask
+
+
+def index_batches(count: int, batch_size: int, key: Callable[[int], Any] | None = None) -> list[list[int]]:
+    """Row indices ``0 .. count-1`` in batches of ``batch_size``: in input order, or sorted by ``key(row)`` (a
+    length: each batch then holds texts of similar lengths). The sort is stable: equal keys keep input order."""
+    order = sorted(range(count), key=key) if key is not None else list(range(count))
+    return [order[start:start + batch_size] for start in range(0, count, batch_size)]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf_trainer.padding import right_pad
+from rlhf_trainer.padding import index_batches, right_pad
 
 
 def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> list[int]:
@@ -37,10 +37,8 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     """
     device = next(model.parameters()).device
     sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i])) if by_length else range(len(sequences))
     scores = torch.empty(len(sequences), device=device)
-    for start in range(0, len(order), batch_size):
-        rows = list(order[start:start + batch_size])
+    for rows in index_batches(len(sequences), batch_size, key=(lambda i: len(sequences[i])) if by_length else None):
         ids, mask = right_pad([sequences[i] for i in rows], tokenizer.pad_token_id)  # read at the last real token
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         scores[rows] = logits[:, 0].float()

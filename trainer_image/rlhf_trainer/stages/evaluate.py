@@ -30,6 +30,7 @@ from rlhf_trainer import models, reward_scoring
 from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.generation import Sample, sample
 from rlhf_trainer.judges import make_judge
+from rlhf_trainer.padding import index_batches
 from rlhf_trainer.ppo import forward
 from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.plots import evaluation_figure, read_log
@@ -56,10 +57,9 @@ def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, te
     sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.ppo.forward.response_logprobs`), in
     batches of samples of similar lengths (little padding)."""
     device = next(model.parameters()).device
-    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].response_ids), len(samples[i].prompt_ids)))
     out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in index_batches(len(samples), batch_size,
+                              key=lambda i: (len(samples[i].response_ids), len(samples[i].prompt_ids))):
         batch = sequences([samples[i].prompt_ids for i in rows], [samples[i].response_ids for i in rows],
                           pad_token_id, device)
         logprobs, _ = forward.response_logprobs(model, batch, temperature)
