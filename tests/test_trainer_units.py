@@ -125,6 +125,24 @@ def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_di
         assert answer.text == tok.decode(answer.response_ids, skip_special_tokens=True).strip()
 
 
+def test_sampling_runs_one_forward_pass_per_sampled_token(tiny_model_dir):
+    """The prompt's pass samples the first token, each cached pass the next: none for a token never sampled."""
+    from rlhf_operator.spec import GenerationSpec
+    from rlhf_trainer.generation import sample
+    from rlhf_trainer.models import load_causal_lm
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)
+    model = load_causal_lm(tiny_model_dir, spec, tok).eval()
+    passes = []
+    model.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[1]),
+                                with_kwargs=True)
+    answers = sample(model, tok, ["Review a heist film", "Review a musical"], GenerationSpec(maxNewTokens=6),
+                     batch_size=2, seed=1)
+    longest = max(len(a.response_ids) for a in answers)
+    assert passes[0] > 1 and passes[1:] == [1] * (longest - 1)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, temperature):
     """The evaluate stage reads the policy's log-probabilities from its sampling pass, not a second forward pass."""

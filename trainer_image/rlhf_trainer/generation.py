@@ -170,7 +170,7 @@ def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: Ge
         tokens.append(torch.where(done, pad_token_id, next_tokens))
         logprobs.append(torch.where(done, 0.0, logprob))
         done |= tokens[-1] == stop_token_id
-        if bool(done.all()):
+        if bool(done.all()) or len(tokens) == gen.max_new_tokens:  # no forward pass for a token never sampled
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
