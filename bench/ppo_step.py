@@ -22,6 +22,11 @@ instead.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
         [--gradient-checkpointing] [--accumulation 2] [--chat-template] [--lora-targets q_proj v_proj]
+        [--reference]
+
+``--reference`` runs TRL 1.12's PPOTrainer (``bench/trl_ppo_reference.py``) on the same configuration right after
+each float32 one and prints how the two compare: the speed target is set against it, and only figures from the
+same hour compare.
 
 LoRA adapts every linear layer (``targetModules`` default, all-linear) unless ``--lora-targets`` names others
 (peft's own default for Llama-family models, which TRL's PPO examples ran with, is q_proj and v_proj).
@@ -97,6 +102,15 @@ def machine_speed() -> tuple[float, float]:
     return gflops, 10 * big.numel() * 4 / (time.perf_counter() - started) / 1e9
 
 
+def bench_environment(glibc: bool) -> dict[str, str]:
+    """The measured processes' environment: offline, on tcmalloc as the trainer runs (glibc's malloc if asked)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if glibc:  # also where LD_PRELOAD already names it (the trainer image)
+        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
+        return env
+    return with_tcmalloc(env)
+
+
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
             lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
@@ -165,6 +179,9 @@ def main() -> int:
     parser.add_argument("--lora-targets", nargs="+", default=["all-linear"], metavar="MODULE",
                         help="spec.ppo.lora.targetModules for the LoRA configurations (default all-linear)")
     parser.add_argument("--glibc", action="store_true", help="glibc's malloc, not tcmalloc")
+    parser.add_argument("--reference", action="store_true",
+                        help="after each float32 configuration, TRL 1.12's PPOTrainer on the same one "
+                             "(bench/trl_ppo_reference.py)")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -173,12 +190,12 @@ def main() -> int:
         return 0
 
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
+    if args.reference and (args.chat_template or args.accumulation != 1 or args.gradient_checkpointing
+                           or args.lora_targets != ["all-linear"]):
+        parser.error("--reference runs the default configuration only (plain prompts, one micro-batch, no "
+                     "gradient checkpointing, LoRA on every linear layer): drop the other options")
     stage_checkpoints()  # made here once, not inside a measured process
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.glibc:  # also where LD_PRELOAD already names it (the trainer image)
-        env["LD_PRELOAD"] = " ".join(p for p in env.get("LD_PRELOAD", "").split() if LIBRARY not in p)
-    else:
-        env = with_tcmalloc(env)
+    env = bench_environment(args.glibc)
     for name in names:
         started = time.monotonic()
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps),
@@ -206,6 +223,15 @@ def main() -> int:
               f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
               f"{'LoRA on ' + ' '.join(args.lora_targets) + ', ' if CONFIGS[name]['lora'] else ''}"
               f"{time.monotonic() - started:.0f} s wall]", flush=True)
+        if args.reference and not CONFIGS[name]["bf16"]:
+            from trl_ppo_reference import VERSION, measure
+
+            mode = "lora" if CONFIGS[name]["lora"] else "full"
+            ref = measure(mode, args.steps, env)
+            speedup, memory = ref["seconds_per_step"] / r["seconds_per_step"], r["peak_rss_gb"] / ref["peak_rss_gb"]
+            print(f"ppo_step trl-{VERSION}-{name} (the reference, run next): {ref['seconds_per_step']:.2f} s/step, "
+                  f"peak RSS {ref['peak_rss_gb']:.2f} GB; this engine {speedup:.2f}x as fast, at {memory:.2f} of its "
+                  f"peak RSS", flush=True)
     return 0
 
 
