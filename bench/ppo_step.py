@@ -25,7 +25,7 @@ instead.
         [--reference]
 
 ``--reference`` runs TRL 1.12's PPOTrainer (``bench/trl_ppo_reference.py``) on the same configuration right after
-each float32 one and prints how the two compare: the speed target is set against it, and only figures from the
+each one and prints how the two compare: the speed target is set against it, and only figures from the
 same hour compare.
 
 LoRA adapts every linear layer (``targetModules`` default, all-linear) unless ``--lora-targets`` names others
@@ -180,7 +180,7 @@ def main() -> int:
                         help="spec.ppo.lora.targetModules for the LoRA configurations (default all-linear)")
     parser.add_argument("--glibc", action="store_true", help="glibc's malloc, not tcmalloc")
     parser.add_argument("--reference", action="store_true",
-                        help="after each float32 configuration, TRL 1.12's PPOTrainer on the same one "
+                        help="after each configuration, TRL 1.12's PPOTrainer on the same one "
                              "(bench/trl_ppo_reference.py)")
     parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,11 +223,10 @@ def main() -> int:
               f"{'gradient checkpointing, ' if args.gradient_checkpointing else ''}"
               f"{'LoRA on ' + ' '.join(args.lora_targets) + ', ' if CONFIGS[name]['lora'] else ''}"
               f"{time.monotonic() - started:.0f} s wall]", flush=True)
-        if args.reference and not CONFIGS[name]["bf16"]:
+        if args.reference:
             from trl_ppo_reference import VERSION, measure
 
-            mode = "lora" if CONFIGS[name]["lora"] else "full"
-            ref = measure(mode, args.steps, env)
+            ref = measure(name, args.steps, env)
             speedup, memory = ref["seconds_per_step"] / r["seconds_per_step"], r["peak_rss_gb"] / ref["peak_rss_gb"]
             print(f"ppo_step trl-{VERSION}-{name} (the reference, run next): {ref['seconds_per_step']:.2f} s/step, "
                   f"peak RSS {ref['peak_rss_gb']:.2f} GB; this engine {speedup:.2f}x as fast, at {memory:.2f} of its "

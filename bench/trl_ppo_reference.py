@@ -3,16 +3,17 @@
 
 Same checkpoints (pi_SFT for the policy and the reference, R_phi for the reward and the value model), same
 prompts (plain text, left-padded), batch 8, 32-token responses at temperature 0.7 with no stop token (every
-response has the full length), 1 PPO epoch, 1 mini-batch, float32 on the CPU. TRL's step is timed from one
-``on_step_end`` to the next, the first step is the warm-up. With LoRA (r=16, alpha 32, every linear layer) TRL
-adapts the policy only and trains the value model in full, as its PPOTrainer does.
+response has the full length), 1 PPO epoch, 1 mini-batch, on the CPU in float32 or, for the bf16
+configurations, with TRL's ``bf16=True`` (accelerate's bfloat16 autocast around float32 weights). TRL's step is
+timed from one ``on_step_end`` to the next, the first step is the warm-up. With LoRA (r=16, alpha 32, every linear
+layer) TRL adapts the policy only and trains the value model in full, as its PPOTrainer does.
 
 TRL 1.12 is fetched once from the package index as a wheel (no dependencies: it runs on this project's
 transformers, accelerate and peft) and unpacked under the cache folder; the process imports it ahead of the
-installed TRL. ``bench/ppo_step.py --reference`` runs this after each of its float32 configurations, so the two
+installed TRL. ``bench/ppo_step.py --reference`` runs this right after each of its configurations, so the two
 figures come from the same hour of a machine whose speed drifts.
 
-    scripts/in-venv python bench/trl_ppo_reference.py --mode full|lora [--steps 3]
+    scripts/in-venv python bench/trl_ppo_reference.py --config full-fp32|lora-fp32|full-bf16|lora-bf16 [--steps 3]
 """
 
 from __future__ import annotations
@@ -51,14 +52,14 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(trl_site()), env.get("PYTHONPATH")]))}
 
 
-def run(mode: str, steps: int) -> dict:
+def run(name: str, steps: int) -> dict:
     """TRL's PPOTrainer for a warm-up step and ``steps`` timed steps, in this process."""
     import torch
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    from ppo_step import stage_checkpoints
+    from ppo_step import CONFIGS, stage_checkpoints
     from rlhf_trainer.data import builtin_dataset_path, read_rows
 
     if trl.__version__ != VERSION:
@@ -71,13 +72,14 @@ def run(mode: str, steps: int) -> dict:
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]})
     torch.manual_seed(0)
     lora = None
-    if mode == "lora":
+    if CONFIGS[name]["lora"]:
         from peft import LoraConfig
 
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     config = PPOConfig(
         output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "trl-ppo-reference"), report_to="none",
-        save_strategy="no", logging_steps=10_000, num_sample_generations=0, use_cpu=True, bf16=False, seed=0,
+        save_strategy="no", logging_steps=10_000, num_sample_generations=0, seed=0,
+        use_cpu=True, bf16=CONFIGS[name]["bf16"],
         per_device_train_batch_size=8, local_rollout_forward_batch_size=8, gradient_accumulation_steps=1,
         num_mini_batches=1, num_ppo_epochs=1, total_episodes=8 * (steps + 1), learning_rate=1e-6,
         response_length=32, temperature=0.7, stop_token_id=None,
@@ -104,32 +106,34 @@ def run(mode: str, steps: int) -> dict:
     }
 
 
-def measure(mode: str, steps: int, env: dict[str, str]) -> dict:
+def measure(name: str, steps: int, env: dict[str, str]) -> dict:
     """``run`` in a process of its own (peak RSS is per process) that imports TRL ``VERSION``."""
     from ppo_step import stage_checkpoints
 
     stage_checkpoints()  # made here once, not inside the measured process
-    proc = subprocess.run([sys.executable, __file__, "--child", "--mode", mode, "--steps", str(steps)],
+    proc = subprocess.run([sys.executable, __file__, "--child", "--config", name, "--steps", str(steps)],
                           env=child_env(env), capture_output=True, text=True)
     results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
-        raise RuntimeError(f"TRL {VERSION} PPO ({mode}) failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"TRL {VERSION} PPO ({name}) failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
     return json.loads(results[0])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("full", "lora"), required=True)
+    from ppo_step import CONFIGS
+
+    parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run(args.mode, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run(args.config, args.steps)), flush=True)
         return 0
     from ppo_step import bench_environment
 
-    r = measure(args.mode, args.steps, bench_environment(glibc=False))
-    print(f"trl-{VERSION} {args.mode}-fp32: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GB "
+    r = measure(args.config, args.steps, bench_environment(glibc=False))
+    print(f"trl-{VERSION} {args.config}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GB "
           f"[{r['steps']} timed steps, {r['threads']} threads]")
     return 0
 
