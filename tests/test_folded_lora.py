@@ -57,6 +57,26 @@ def test_folded_layers_compute_the_adapted_model_with_one_product_and_leave_the_
     assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
 
 
+def test_under_bf16_autocast_a_bf16_base_samples_with_a_stacked_under_w_computing_what_peft_computes():
+    model = tiny_lora_llama()
+    for name, param in model.named_parameters():  # as spec.ppo.bf16 loads it: frozen base bf16, adapters float32
+        if "lora_" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    tokens = torch.randint(0, 97, (3, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = logits(model, tokens)
+        with model.disable_adapter():
+            assert not torch.allclose(logits(model, tokens), expected, atol=1e-2)  # the adapters matter
+        with folded_adapters(model):
+            got = logits(model, tokens)
+            assert adapter_calls(model, lambda: logits(model, tokens)) == 0
+        assert adapter_calls(model, lambda: logits(model, tokens)) > 0
+    # exactly: each output sums over the same inputs in the same order (a weight folded in bf16 is 1e-2 off)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())
+
+
 def test_nothing_is_folded_with_adapters_off_under_autocast_or_where_gradients_flow():
     model = tiny_lora_llama()
     tokens = torch.randint(0, 97, (3, 5))
