@@ -34,11 +34,13 @@ from torch import nn
 
 
 def _plain_lora(module: nn.Module) -> bool:
-    """A peft LoRA layer over an ``nn.Linear`` with plain adapters (no DoRA or other variant), adapters on."""
+    """A peft LoRA layer over an ``nn.Linear`` with plain adapters (no DoRA or other variant, no bias on B),
+    adapters on."""
     base = getattr(module, "base_layer", None)
     return (isinstance(base, nn.Linear) and hasattr(module, "get_delta_weight") and hasattr(module, "lora_A")
             and not getattr(module, "fan_in_fan_out", False) and not getattr(module, "lora_variant", None)
-            and not module.disable_adapters and not module.merged)
+            and not module.disable_adapters and not module.merged
+            and all(module.lora_B[name].bias is None for name in _adapters(module)))
 
 
 def _adapters(module: Any) -> list[str]:
