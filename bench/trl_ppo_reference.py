@@ -120,9 +120,9 @@ def measure(name: str, steps: int, env: dict[str, str]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    from ppo_step import CONFIGS
+    from ppo_step import CONFIGS, bench_environment
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -130,8 +130,6 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(run(args.config, args.steps)), flush=True)
         return 0
-    from ppo_step import bench_environment
-
     r = measure(args.config, args.steps, bench_environment(glibc=False))
     print(f"trl-{VERSION} {args.config}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GB "
           f"[{r['steps']} timed steps, {r['threads']} threads]")
