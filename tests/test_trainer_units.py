@@ -140,6 +140,7 @@ def test_sampling_runs_one_forward_pass_per_sampled_token(tiny_model_dir):
     answers = sample(model, tok, ["Review a heist film", "Review a musical"], GenerationSpec(maxNewTokens=6),
                      batch_size=2, seed=1)
     longest = max(len(a.response_ids) for a in answers)
+    assert longest == 6  # an answer ran to maxNewTokens: where a spare pass would come
     assert passes[0] > 1 and passes[1:] == [1] * (longest - 1)
 
 
