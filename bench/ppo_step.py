@@ -111,6 +111,12 @@ def bench_environment(glibc: bool) -> dict[str, str]:
     return with_tcmalloc(env)
 
 
+def child_result(proc: subprocess.CompletedProcess) -> dict | None:
+    """The figures a measuring child process printed on its ``RESULT`` line, or None when it failed."""
+    results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(results[0]) if proc.returncode == 0 and results else None
+
+
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
             lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
@@ -206,11 +212,10 @@ def main() -> int:
         speed_before = machine_speed()  # measured here, outside the process whose peak RSS is reported
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
         gflops, read_gbps = (sum(pair) / 2 for pair in zip(speed_before, machine_speed()))
-        results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not results:
+        r = child_result(proc)
+        if r is None:
             print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
-        r = json.loads(results[0])
         # float32 products at the measured rate; bf16 products run at another (AMX) rate
         floor = "" if CONFIGS[name]["bf16"] else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)"
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "

@@ -108,15 +108,15 @@ def run(name: str, steps: int) -> dict:
 
 def measure(name: str, steps: int, env: dict[str, str]) -> dict:
     """``run`` in a process of its own (peak RSS is per process) that imports TRL ``VERSION``."""
-    from ppo_step import stage_checkpoints
+    from ppo_step import child_result, stage_checkpoints
 
     stage_checkpoints()  # made here once, not inside the measured process
     proc = subprocess.run([sys.executable, __file__, "--child", "--config", name, "--steps", str(steps)],
                           env=child_env(env), capture_output=True, text=True)
-    results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
+    result = child_result(proc)
+    if result is None:
         raise RuntimeError(f"TRL {VERSION} PPO ({name}) failed (exit {proc.returncode})\n{proc.stderr[-3000:]}")
-    return json.loads(results[0])
+    return result
 
 
 def main() -> int:
