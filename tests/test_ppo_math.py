@@ -175,6 +175,26 @@ def test_guardrail_flags():
     assert guard.fired == {"kl_above_threshold", "reward_hacking_suspected", "length_collapse", "no_progress"}
 
 
+def test_reward_hacking_needs_changes_beyond_the_step_means_noise():
+    def flagged(rm: list[float], gold: list[float]) -> list[bool]:
+        guard = Guardrails(PPOGuardrails(hacking_window=10))
+        return [guard.check({"objective/rm_score": r, "objective/gold_score": g, "objective/kl": 0.05,
+                             "response/length": 20.0})["guardrail/reward_hacking_suspected"] == 1.0
+                for r, g in zip(rm, gold)]
+
+    # A healthy demo run's steps 2-11: the reward model's score rose (+0.47, 2.1 standard errors), the gold
+    # judge's means moved by 0.004 in noise of about 0.1 (a comparison of means alone flagged this step).
+    demo_rm = [1.939, 1.868, 0.888, 1.939, 1.895, 2.404, 2.044, 2.186, 1.953, 2.271]
+    demo_gold = [0.571, 0.499, 0.5, 0.625, 0.709, 0.606, 0.602, 0.69, 0.571, 0.416]
+    assert flagged(demo_rm, demo_gold) == [False] * 10
+    # Hacking: the score climbs while the gold judge sinks, with the same noise on both.
+    noise = [0.08, -0.1, 0.05, -0.02, 0.1, -0.07, 0.0, 0.09, -0.05, 0.03]
+    rm = [1.0 + 0.2 * i + e for i, e in enumerate(noise)]
+    gold = [0.6 - 0.05 * i - e for i, e in enumerate(noise)]
+    assert flagged(rm, gold) == [False] * 9 + [True]
+    assert flagged(rm, [0.6 + e for e in noise]) == [False] * 10  # gold judge flat: no flag
+
+
 def test_select_trims_padding_columns():
     def rollout(**overrides):
         base = dict(episodes=torch.tensor([0, 1]), queries=torch.tensor([[0, 0, 3], [0, 4, 5]]),

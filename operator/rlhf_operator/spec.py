@@ -508,9 +508,10 @@ class PPOGuardrails(SpecModel):
         "exceeds this many nats. Unset disables the check.",
     )
     hacking_window: int = Field(
-        10, ge=2,
+        10, ge=4,
         description="hackingWindow, optional: flag reward_hacking_suspected when, over this many steps, the "
-        "mean reward-model score rose while the gold judge's mean fell (needs judge).",
+        "mean reward-model score rose while the gold judge's mean fell, each by more than twice its noise "
+        "(the last half of the steps against the first half; needs judge; at least 4 steps, 2 per half).",
     )
     min_length_ratio: float | None = Field(
         0.3, gt=0.0, lt=1.0,

@@ -4,7 +4,7 @@ Each check reads the step's metrics (and the history it keeps) and sets ``guardr
 
 * ``kl_above_threshold``: the mean per-token KL to the reference exceeds ``maxKl``.
 * ``reward_hacking_suspected``: over the last ``hackingWindow`` steps the reward-model score rose while the
-  gold judge's fell (second half of the window against the first half); needs a judge.
+  gold judge's fell, each significantly (:func:`_significant_change`); needs a judge.
 * ``length_collapse``: the mean response length fell below ``minLengthRatio`` of the first step's.
 * ``no_progress``: the best mean reward-model score has not improved for ``noProgressSeconds``.
 
@@ -13,20 +13,36 @@ None of them stops training; :attr:`Guardrails.fired` remembers every flag that 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
-from statistics import fmean
+from statistics import fmean, variance
 
 from rlhf_operator.spec import PPOGuardrails
 
 NAMES = ("kl_above_threshold", "reward_hacking_suspected", "length_collapse", "no_progress")
 
 
-def _rise(window: list[float]) -> float:
-    """Mean of the window's second half minus the mean of its first half."""
+SIGNIFICANCE = 2.0  # standard errors a change must exceed to count
+
+
+def _significant_change(window: list[float]) -> int:
+    """+1 if the window's values rose, -1 if they fell, 0 if the change is within their noise.
+
+    The mean of the window's second half against that of its first half, counted only when the difference
+    exceeds :data:`SIGNIFICANCE` standard errors, estimated from how much the per-step means scatter inside each
+    half (Welch's). Detail: a step's mean score over one batch of rollouts is noisy (the demo's gold-judge means,
+    16 rollouts a step, scatter by about 0.1 around their trend); comparing the halves' means alone flagged
+    each of three healthy demo runs at some steps, on gold-judge "falls" as small as 0.004.
+    """
     half = len(window) // 2
-    return fmean(window[-half:]) - fmean(window[:half])
+    first, second = window[:half], window[-half:]
+    change = fmean(second) - fmean(first)
+    noise = math.sqrt((variance(first) + variance(second)) / half)
+    if abs(change) <= SIGNIFICANCE * noise:
+        return 0
+    return 1 if change > 0 else -1
 
 
 class Guardrails:
@@ -51,8 +67,8 @@ class Guardrails:
         if "objective/gold_score" in metrics:
             self.gold_history.append(metrics["objective/gold_score"])
             if len(self.gold_history) == spec.hacking_window:
-                flags["reward_hacking_suspected"] = (_rise(list(self.rm_history)) > 0
-                                                     and _rise(list(self.gold_history)) < 0)
+                flags["reward_hacking_suspected"] = (_significant_change(list(self.rm_history)) > 0
+                                                     and _significant_change(list(self.gold_history)) < 0)
 
         if self.first_length is None:
             self.first_length = metrics["response/length"]
