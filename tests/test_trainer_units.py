@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
-from rlhf_operator.spec import ModelSpec
+from rlhf_operator.spec import ModelSpec, RewardSpec, SFTSpec
 from rlhf_trainer.cli import main as train_main
 from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import Sample
+from rlhf_trainer.hf_training import training_args
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
 from rlhf_trainer.padding import index_batches
@@ -191,6 +193,19 @@ def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_
         accuracies[name] = trainer._metrics["train"]["mean_token_accuracy"][-1]
     torch.testing.assert_close(losses["full_logits"], losses["trl"], atol=1e-5, rtol=1e-5)
     assert accuracies["full_logits"] == pytest.approx(accuracies["trl"])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trl_configs_follow_the_specs_gradient_checkpointing_without_deprecation_warnings(checkpointing, tmp_path):
+    from trl import RewardConfig, SFTConfig
+
+    for spec, config in ((SFTSpec, SFTConfig), (RewardSpec, RewardConfig)):
+        settings = spec.model_validate({"gradientCheckpointing": checkpointing,
+                                        "dataset": {"uri": "builtin://movie-reviews/sft"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # transformers 5 renamed gradient_checkpointing
+            args = config(**training_args(settings, tmp_path))
+        assert args.gradient_checkpointing is checkpointing and args.output_dir == str(tmp_path)
 
 
 def test_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):

@@ -38,9 +38,14 @@ def seed_before_loading(seed: int) -> None:
     set_seed(seed)
 
 
-def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:
+def training_args(settings: TrainingArgs, checkpoints_dir: Path) -> dict[str, Any]:
+    """Keyword arguments of TRL's SFTConfig and RewardConfig; the Trainer saves its checkpoints in ``checkpoints_dir``.
+
+    Detail: TRL's configs default to gradient checkpointing (one more forward pass per step); the spec's
+    ``gradientCheckpointing`` (default off) decides, under transformers 5's name for it.
+    """
     return dict(
-        output_dir=str(ws.checkpoints_dir),
+        output_dir=str(checkpoints_dir),
         learning_rate=settings.learning_rate,
         num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps,
@@ -52,7 +57,7 @@ def training_args(settings: TrainingArgs, ws: Workspace) -> dict[str, Any]:
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         max_length=settings.max_length,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,
         seed=settings.seed,
         logging_steps=settings.logging_steps,
         save_strategy="steps",

@@ -86,7 +86,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     trainer = RewardTrainer(
         model=model,
         args=RewardConfig(
-            **hf_training.training_args(settings, ws),
+            **hf_training.training_args(settings, ws.checkpoints_dir),
             center_rewards_coefficient=settings.center_rewards_coefficient,
             eval_strategy="no",
         ),

@@ -42,7 +42,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     trainer = trainer_class(
         model=model,
         args=SFTConfig(
-            **hf_training.training_args(settings, ws),
+            **hf_training.training_args(settings, ws.checkpoints_dir),
             completion_only_loss=settings.completion_only_loss,
             packing=False,
         ),
