@@ -129,7 +129,7 @@ def _trained_in_float32(net: nn.Module) -> nn.Module:
 def _activation_checkpointed(net: nn.Module) -> nn.Module:
     """Each decoder layer keeps only its input for the backward pass and runs again there (torch's
     non-reentrant checkpointing, which needs no input that requires grad: LoRA's frozen embeddings work)."""
-    transformers_model(net).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    transformers_model(net).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return net
 
 
