@@ -172,7 +172,7 @@ def test_kill_during_reward_then_rerun_resumes_without_redoing_sft(tiny_model_di
         assert time.monotonic() < deadline, "reward never checkpointed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and the stage process, as a power cut would
-    proc.wait()
+    proc.communicate()  # reaps it and closes its output pipe
     sft_written = sft_manifest.stat().st_mtime_ns
     assert not (Path(reward_uri.removeprefix("file://")) / "manifest.json").exists()
 
