@@ -11,7 +11,8 @@ as the demo pipeline does (about 64 tokens: the template adds a default system p
 
 Each configuration runs in its own process (peak RSS is per process): full fine-tuning and LoRA r=16, in float32
 and, where the CPU has bfloat16 instructions, under bfloat16 autocast. One line per figure: seconds per step
-(rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS, the work of one step in matrix
+(rollout + update, the mean of ``--steps`` steps after one warm-up step), peak RSS (and how much of it the process
+held once it had imported its libraries, before loading any model), the work of one step in matrix
 products (counted by torch's ``FlopCounterMode`` over one more, untimed step: linear layers, LM head, and attention
 where it runs as plain products; SDPA's CPU kernel is not counted) and, in float32, how long that work alone takes
 at the machine's measured rate (the floor the step time approaches), the load average (other work on the machine
@@ -117,6 +118,19 @@ def child_result(proc: subprocess.CompletedProcess) -> dict | None:
     return json.loads(results[0]) if proc.returncode == 0 and results else None
 
 
+def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
+    """This process's peak RSS once it has imported what the step runs on, before any model is loaded: torch (from
+    PyPI a CUDA build: ``import torch`` alone holds about 0.5 GB here, without a GPU), transformers with the
+    checkpoint's architecture (which imports torch._dynamo), peft under LoRA."""
+    import transformers
+
+    getattr(transformers, transformers.AutoConfig.from_pretrained(checkpoint).architectures[0])
+    if lora:
+        import peft  # noqa: F401
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
             lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
@@ -132,6 +146,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
 
     config = CONFIGS[name]
     sft, rm = stage_checkpoints()
+    libraries_gb = libraries_rss_gb(sft, config["lora"])
     spec = ModelSpec(uri=MODEL)
     settings = PPOSpec.model_validate({
         "prompts": {"uri": "builtin://movie-reviews/prompts-train"},
@@ -166,6 +181,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "response_tokens": statistics.fmean(m["response/length"] for m in timed),
         "prompt_tokens": prompt_tokens,
         "peak_rss_gb": peak_rss_gb,
+        "libraries_rss_gb": libraries_gb,
         "matmul_gflop": flops.get_total_flops() / 1e9,
         "threads": torch.get_num_threads(),
         "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
@@ -219,7 +235,8 @@ def main() -> int:
         # float32 products at the measured rate; bf16 products run at another (AMX) rate
         floor = "" if CONFIGS[name]["bf16"] else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)"
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
-              f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB, "
+              f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB "
+              f"({r['libraries_rss_gb']:.2f} of it the libraries', before any model), "
               f"{r['matmul_gflop']:.0f} GFLOP of matrix products per step{floor}, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
               f"machine now {gflops:.0f} GFLOP/s and {read_gbps:.0f} GB/s "
