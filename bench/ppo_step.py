@@ -118,6 +118,11 @@ def child_result(proc: subprocess.CompletedProcess) -> dict | None:
     return json.loads(results[0]) if proc.returncode == 0 and results else None
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
     """This process's peak RSS once it has imported what the step runs on, before any model is loaded: torch (from
     PyPI a CUDA build: ``import torch`` alone holds about 0.5 GB here, without a GPU), transformers with the
@@ -128,7 +133,7 @@ def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
     if lora:
         import peft  # noqa: F401
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return peak_rss_gb()
 
 
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
@@ -166,7 +171,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     load_before = os.getloadavg()[0]
     history = [trainer.train_step() for _ in range(steps + 1)]
     timed = history[1:]
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak_gb = peak_rss_gb()
     load_average = (load_before + os.getloadavg()[0]) / 2
     with FlopCounterMode(display=False) as flops:  # one more step, not timed: the work a step does
         trainer.train_step()
@@ -180,7 +185,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "update": statistics.fmean(m["time/update"] for m in timed),
         "response_tokens": statistics.fmean(m["response/length"] for m in timed),
         "prompt_tokens": prompt_tokens,
-        "peak_rss_gb": peak_rss_gb,
+        "peak_rss_gb": peak_gb,
         "libraries_rss_gb": libraries_gb,
         "matmul_gflop": flops.get_total_flops() / 1e9,
         "threads": torch.get_num_threads(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ def run(name: str, steps: int) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    from ppo_step import CONFIGS, stage_checkpoints
+    from ppo_step import CONFIGS, peak_rss_gb, stage_checkpoints
     from rlhf_trainer.data import builtin_dataset_path, read_rows
 
     if trl.__version__ != VERSION:
@@ -101,7 +100,7 @@ def run(name: str, steps: int) -> dict:
     return {
         "seconds_per_step": statistics.fmean(b - a for a, b in zip(ended, ended[1:])),
         "steps": len(ended) - 1,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": peak_rss_gb(),
         "threads": torch.get_num_threads(),
     }
 
