@@ -78,14 +78,6 @@ def stage_checkpoints() -> tuple[Path, Path]:
     return sft, rm
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def machine_speed() -> tuple[float, float]:
     """This machine's speed right now: float32 matrix products (GFLOP/s, at a decoder layer's shape) and memory
     reads (GB/s). A shared machine's speed drifts by up to half between hours; these say which hour a figure saw."""
@@ -216,7 +208,9 @@ def main() -> int:
                                                  args.gradient_checkpointing, args.lora_targets)), flush=True)
         return 0
 
-    names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_bf16()]
+    from rlhf_trainer.models import cpu_has_native_bf16
+
+    names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_native_bf16()]
     if args.reference and (args.chat_template or args.accumulation != 1 or args.gradient_checkpointing
                            or args.lora_targets != ["all-linear"]):
         parser.error("--reference runs the default configuration only (plain prompts, one micro-batch, no "

@@ -100,7 +100,7 @@ def test_sft_changes_the_weights(tiny_model_dir, tmp_path):
     doc = tiny_pipeline(tiny_model_dir, "tiny-weights")
     for stage in ("preferences", "reward", "evaluate"):
         doc["spec"][stage] = {"enabled": False}
-    doc["spec"]["sft"]["bf16"] = True  # CPU autocast, as the demo uses it
+    doc["spec"]["sft"]["bf16"] = True  # CPU autocast, as the demo runs on CPUs with bfloat16 instructions
     result = LocalRunner(parse_pipeline(doc), tmp_path / "work").run()
     assert result.phase is PipelinePhase.SUCCEEDED, result.message
     out = Path(build_stage_config(parse_pipeline(doc), Stage.SFT, (tmp_path / "work" / "artifacts").as_uri())

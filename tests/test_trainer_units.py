@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rlhf_operator.spec import ModelSpec, RewardSpec, SFTSpec
+from rlhf_trainer import models as trainer_models
 from rlhf_trainer.cli import main as train_main
 from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
@@ -204,8 +205,42 @@ def test_trl_configs_follow_the_specs_gradient_checkpointing_without_deprecation
                                         "dataset": {"uri": "builtin://movie-reviews/sft"}})
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # transformers 5 renamed gradient_checkpointing
-            args = config(**training_args(settings, tmp_path))
+            args = config(**training_args(settings, tmp_path, bf16=False))
         assert args.gradient_checkpointing is checkpointing and args.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["cpu-without-bf16-simulated", "cpu-with-bf16-simulated"])
+def test_bf16_set_where_the_cpu_emulates_bfloat16_is_obeyed_with_one_warning_naming_the_field(native, monkeypatch,
+                                                                                              capsys):
+    # The CPU's instruction set is the boundary simulated here: this machine has one kind or the other.
+    monkeypatch.setattr(trainer_models, "cpu_has_native_bf16", lambda: native)
+    trainer_models._warn_once.cache_clear()
+    assert [trainer_models.bf16_enabled(True, "spec.sft.bf16") for _ in range(2)] == [True, True]
+    assert trainer_models.bf16_enabled(False, "spec.reward.bf16") is False
+    assert trainer_models.bf16_enabled(None, "spec.reward.bf16") is native  # unset: where the hardware has it
+    warnings_printed = capsys.readouterr().err.splitlines()
+    if native:
+        assert warnings_printed == []
+    else:
+        assert len(warnings_printed) == 1
+        assert "spec.sft.bf16 is true" in warnings_printed[0] and "set it false" in warnings_printed[0]
+
+
+def test_cpu_bf16_detection_follows_the_override_variable_and_rejects_other_values(monkeypatch):
+    detect = trainer_models.cpu_has_native_bf16
+    try:
+        for value, expected in (("1", True), ("0", False)):
+            monkeypatch.setenv("RLHF_CPU_BF16", value)
+            detect.cache_clear()
+            assert detect() is expected
+            assert trainer_models.bf16_enabled(None, "spec.ppo.bf16") is expected
+        monkeypatch.setenv("RLHF_CPU_BF16", "yes")
+        detect.cache_clear()
+        with pytest.raises(ConfigError, match="RLHF_CPU_BF16='yes'.* 0 .* or 1"):
+            detect()
+    finally:
+        monkeypatch.undo()
+        detect.cache_clear()
 
 
 def test_tokenizer_gets_a_pad_token_distinct_from_eos(tiny_model_dir):

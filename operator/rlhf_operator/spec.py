@@ -401,7 +401,9 @@ class TrainingArgs(SpecModel):
     bf16: bool | None = Field(
         None,
         description="bf16, optional: bfloat16 mixed precision (autocast; weights and optimizer stay float32). "
-        "Unset means on for a CUDA GPU that supports it; true also works on CPUs with AMX or AVX512-BF16.",
+        "Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or "
+        "AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, several times slower than float32 "
+        "(true there is obeyed with a warning).",
     )
     seed: int = Field(42, description="seed, optional: random seed.")
     logging_steps: int = Field(5, ge=1, description="loggingSteps, optional: log metrics every N steps.")
@@ -461,8 +463,9 @@ class PreferencesSpec(StageCommon):
     bf16: bool | None = Field(
         None,
         description="bf16, optional: sample with pi_SFT's weights in bfloat16 (half the memory traffic per "
-        "token). Unset means on for a CUDA GPU that supports it, off on CPU (CPUs with AMX or AVX512-BF16 "
-        "sample faster with true).",
+        "token). Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with "
+        "AMX or AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, several times slower than "
+        "float32 (true there is obeyed with a warning).",
     )
 
     @model_validator(mode="after")
@@ -633,9 +636,10 @@ class PPOSpec(StageCommon):
     )
     bf16: bool | None = Field(
         None,
-        description="bf16, optional: run forward passes under bfloat16 autocast. Unset means on for a CUDA GPU "
-        "that supports it and off on CPU (fp32 is exactly reproducible there; CPUs with AMX or AVX512-BF16 "
-        "run faster with true).",
+        description="bf16, optional: run forward passes under bfloat16 autocast. Unset means on "
+        "where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16), off "
+        "elsewhere: on other CPUs bfloat16 runs emulated, several times slower than float32 (true there is obeyed "
+        "with a warning). Set false for float32 throughout.",
     )
     judge: JudgeSpec | None = Field(
         None,

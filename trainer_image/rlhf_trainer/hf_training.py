@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from rlhf_operator.artifacts import join_uri, publish, read_manifest, fetch
 from rlhf_operator.spec import TrainingArgs
 from rlhf_trainer import progress
-from rlhf_trainer.models import bf16_enabled
 from rlhf_trainer.errors import Preempted
 from rlhf_trainer.workspace import Workspace
 
@@ -38,8 +37,9 @@ def seed_before_loading(seed: int) -> None:
     set_seed(seed)
 
 
-def training_args(settings: TrainingArgs, checkpoints_dir: Path) -> dict[str, Any]:
-    """Keyword arguments of TRL's SFTConfig and RewardConfig; the Trainer saves its checkpoints in ``checkpoints_dir``.
+def training_args(settings: TrainingArgs, checkpoints_dir: Path, bf16: bool) -> dict[str, Any]:
+    """Keyword arguments of TRL's SFTConfig and RewardConfig; the Trainer saves its checkpoints in ``checkpoints_dir``
+    and trains under bfloat16 autocast when ``bf16`` (the stage's :func:`rlhf_trainer.models.bf16_enabled`).
 
     Detail: TRL's configs default to gradient checkpointing (one more forward pass per step); the spec's
     ``gradientCheckpointing`` (default off) decides, under transformers 5's name for it.
@@ -67,7 +67,7 @@ def training_args(settings: TrainingArgs, checkpoints_dir: Path) -> dict[str, An
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
-        bf16=bf16_enabled(settings.bf16),
+        bf16=bf16,
     )
 
 

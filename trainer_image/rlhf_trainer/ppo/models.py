@@ -109,8 +109,9 @@ def _unquantized(spec: ModelSpec) -> ModelSpec:
 
 
 def uses_bf16(settings: PPOSpec) -> bool:
-    """bfloat16 autocast for PPO's forward passes: as ``bf16`` says, or by default on a CUDA GPU with bf16."""
-    return hf_models.bf16_enabled(settings.bf16)
+    """bfloat16 autocast for PPO's forward passes: as ``bf16`` says, or by default where the hardware computes
+    in bfloat16 (:func:`rlhf_trainer.models.bf16_enabled`)."""
+    return hf_models.bf16_enabled(settings.bf16, "spec.ppo.bf16")
 
 
 def _to(net: nn.Module, spec: ModelSpec, device: torch.device) -> nn.Module:

@@ -55,7 +55,7 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     policy_dir = ws.fetch_dir("policy")
     tokenizer = models.load_tokenizer(policy_dir, ws.config.model)
-    spec = models.frozen_spec(ws.config.model, models.bf16_enabled(settings.bf16))
+    spec = models.frozen_spec(ws.config.model, models.bf16_enabled(settings.bf16, "spec.preferences.bf16"))
     policy = models.freeze(models.load_causal_lm(policy_dir, spec, tokenizer).to(models.device()))
     repeated = [p for p in prompts for _ in range(settings.num_samples_per_prompt)]
     samples = sample(policy, tokenizer, repeated, settings.generation, batch_size=settings.batch_size,

@@ -70,9 +70,10 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
+    bf16 = models.bf16_enabled(settings.bf16, "spec.reward.bf16")
     hf_training.seed_before_loading(settings.seed)  # new weights (a pad token's embedding row): the same every run
     model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, zero_new_head=True,
-                                            trained_in_bf16=models.bf16_enabled(settings.bf16))
+                                            trained_in_bf16=bf16)
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
@@ -86,7 +87,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     trainer = RewardTrainer(
         model=model,
         args=RewardConfig(
-            **hf_training.training_args(settings, ws.checkpoints_dir),
+            **hf_training.training_args(settings, ws.checkpoints_dir, bf16),
             center_rewards_coefficient=settings.center_rewards_coefficient,
             eval_strategy="no",
         ),

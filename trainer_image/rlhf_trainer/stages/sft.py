@@ -28,9 +28,10 @@ def run(ws: Workspace) -> dict[str, Any]:
     base = ws.fetch_dir("model")
     tokenizer = models.load_tokenizer(base, ws.config.model)
     tokenizer.padding_side = "right"  # training pads on the right; generation stages pad on the left
+    bf16 = models.bf16_enabled(settings.bf16, "spec.sft.bf16")
     hf_training.seed_before_loading(settings.seed)
     model = models.load_causal_lm(base, ws.config.model, tokenizer,
-                                   trained_in_bf16=models.bf16_enabled(settings.bf16))
+                                   trained_in_bf16=bf16)
     chat = uses_chat_template(tokenizer, ws.config.model.tokenizer.use_chat_template)
     train = Dataset.from_list(
         [conversational(chat, prompt=r["prompt"], completion=r["completion"]) for r in rows]
@@ -42,7 +43,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     trainer = trainer_class(
         model=model,
         args=SFTConfig(
-            **hf_training.training_args(settings, ws.checkpoints_dir),
+            **hf_training.training_args(settings, ws.checkpoints_dir, bf16),
             completion_only_loss=settings.completion_only_loss,
             packing=False,
         ),
