@@ -402,7 +402,7 @@ class TrainingArgs(SpecModel):
         None,
         description="bf16, optional: bfloat16 mixed precision (autocast; weights and optimizer stay float32). "
         "Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or "
-        "AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, several times slower than float32 "
+        "AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, many times slower than float32 "
         "(true there is obeyed with a warning).",
     )
     seed: int = Field(42, description="seed, optional: random seed.")
@@ -464,7 +464,7 @@ class PreferencesSpec(StageCommon):
         None,
         description="bf16, optional: sample with pi_SFT's weights in bfloat16 (half the memory traffic per "
         "token). Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with "
-        "AMX or AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, several times slower than "
+        "AMX or AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, many times slower than "
         "float32 (true there is obeyed with a warning).",
     )
 
@@ -638,7 +638,7 @@ class PPOSpec(StageCommon):
         None,
         description="bf16, optional: run forward passes under bfloat16 autocast. Unset means on "
         "where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16), off "
-        "elsewhere: on other CPUs bfloat16 runs emulated, several times slower than float32 (true there is obeyed "
+        "elsewhere: on other CPUs bfloat16 runs emulated, many times slower than float32 (true there is obeyed "
         "with a warning). Set false for float32 throughout.",
     )
     judge: JudgeSpec | None = Field(
