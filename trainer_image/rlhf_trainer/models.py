@@ -48,9 +48,9 @@ def bf16_enabled(flag: bool | None, field: str) -> bool:
         return cpu_has_native_bf16()
     if flag and not cpu_has_native_bf16():
         _warn_once(f"warning: {field} is true, but this CPU has no bfloat16 instructions (AMX or AVX512-BF16): "
-                   "PyTorch emulates bfloat16 here, up to tens of times slower than float32 (the demo model's forward "
-                   "and backward pass over 8 x 80 tokens: 131 s against 4-5 s on a 2-core AMD EPYC with AVX2): "
-                   f"unset {field} or set it false on this machine")
+                   "PyTorch emulates bfloat16 here, up to tens of times slower than float32 (the demo model's "
+                   "forward and backward pass over 8 x 80 tokens: 131 s against 4-5 s on a 2-core AMD EPYC with "
+                   f"AVX2): unset {field} or set it false on this machine")
     return flag
 
 
@@ -61,9 +61,10 @@ CPU_BF16_ENV = "RLHF_CPU_BF16"  # "0" or "1": overrides what /proc/cpuinfo says 
 @cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware: AMX or AVX512-BF16 (Intel since Cooper Lake,
-    AMD since Zen 4). Without them (AVX2 only, AVX-512 without BF16) bfloat16 is converted in software: on a 2-core AMD
-    EPYC (Zen 3, AVX2) a decoder layer's bfloat16 product ran at 17 GFLOP/s against 99-150 in float32, and the
-    demo model's forward and backward pass over 8 x 80 tokens under bfloat16 autocast took 131 s against 4.1-4.9. ``RLHF_CPU_BF16=0`` (or ``1``) overrides the answer, and with it what unset ``bf16`` fields mean.
+    AMD since Zen 4). Without them (AVX2 only, AVX-512 without BF16) bfloat16 is converted in software: on a
+    2-core AMD EPYC (Zen 3, AVX2) a decoder layer's bfloat16 product ran at 17 GFLOP/s against 99-150 in float32,
+    and the demo model's forward and backward pass over 8 x 80 tokens under bfloat16 autocast took 131 s against
+    4.1-4.9 s. ``RLHF_CPU_BF16=0`` (or ``1``) overrides the answer, and with it what unset ``bf16`` fields mean.
     """
     override = os.environ.get(CPU_BF16_ENV, "").strip()
     if override:
