@@ -117,8 +117,8 @@ def peak_rss_gb() -> float:
 
 def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
     """This process's peak RSS once it has imported what the step runs on, before any model is loaded: torch (from
-    PyPI a CUDA build: ``import torch`` alone holds about 0.5 GB here, without a GPU), transformers with the
-    checkpoint's architecture (which imports torch._dynamo), peft under LoRA."""
+    PyPI a CUDA build: ``import torch`` alone holds 0.5-0.7 GB on this project's machines, without a GPU),
+    transformers with the checkpoint's architecture (which imports torch._dynamo), peft under LoRA."""
     import transformers
 
     getattr(transformers, transformers.AutoConfig.from_pretrained(checkpoint).architectures[0])
