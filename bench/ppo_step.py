@@ -178,6 +178,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "response_tokens": statistics.fmean(m["response/length"] for m in timed),
         "prompt_tokens": prompt_tokens,
         "peak_rss_gb": peak_gb,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "libraries_rss_gb": libraries_gb,
         "matmul_gflop": flops.get_total_flops() / 1e9,
         "threads": torch.get_num_threads(),
@@ -231,11 +232,14 @@ def main() -> int:
         if r is None:
             print(f"ppo_step {name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
-        # float32 products at the measured rate; bf16 products run at another (AMX) rate
-        floor = "" if CONFIGS[name]["bf16"] else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)"
+        # float32 products at the CPU's measured rate; bf16 products run at another (AMX) rate, and on a GPU
+        gpu = r["peak_gpu_gb"] is not None
+        floor = ("" if CONFIGS[name]["bf16"] or gpu
+                 else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)")
+        gpu_memory = f"peak GPU memory {r['peak_gpu_gb']:.2f} GB, " if gpu else ""
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
               f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB "
-              f"({r['libraries_rss_gb']:.2f} of it the libraries', before any model), "
+              f"({r['libraries_rss_gb']:.2f} of it the libraries', before any model), {gpu_memory}"
               f"{r['matmul_gflop']:.0f} GFLOP of matrix products per step{floor}, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
               f"machine now {gflops:.0f} GFLOP/s and {read_gbps:.0f} GB/s "

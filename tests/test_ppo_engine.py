@@ -39,8 +39,8 @@ def ppo_inputs(tiny_model_dir, tmp_path_factory):
 
 def settings(**overrides) -> PPOSpec:
     base = {"prompts": {"uri": "builtin://movie-reviews/prompts-train"}, "batchSize": 4, "miniBatchSize": 2,
-            "totalEpisodes": 8, "numPpoEpochs": 2, "learningRate": 1e-3, "seed": 7,
-            "generation": {"maxNewTokens": 10, "temperature": 1.0}}
+            "totalEpisodes": 8, "numPpoEpochs": 2, "learningRate": 1e-3, "seed": 7, "bf16": False,
+            "generation": {"maxNewTokens": 10, "temperature": 1.0}}  # float32 on a GPU too, unless a test sets bf16
     return PPOSpec.model_validate({**base, **overrides})
 
 
@@ -50,6 +50,13 @@ def make_trainer(ppo_inputs, **overrides) -> PPOTrainer:
     torch.manual_seed(s.seed)
     world = distributed.init()
     return PPOTrainer(s, load_models(sft, rm, spec, s, world.device), PROMPTS, world)
+
+
+def prompt_batch(trainer: PPOTrainer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts in the chat template, left-padded, on the trainer's device."""
+    tok = trainer.models.tokenizer
+    queries, mask = left_pad(encode_prompts(tok, prompts, True), tok.pad_token_id)
+    return queries.to(trainer.device), mask.to(trainer.device)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -104,11 +111,11 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     history = trainer.train()
     assert history[1]["objective/kl"] != 0.0
     # the reference (adapter disabled) is still exactly pi_SFT after training
-    queries, mask = left_pad(encode_prompts(models.tokenizer, PROMPTS[:2], True), models.tokenizer.pad_token_id)
+    queries, mask = prompt_batch(trainer, PROMPTS[:2])
     with torch.no_grad():
         responses, logprobs = sample_responses(models.policy, queries, mask, trainer.s.generation,
                                                stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
-                                               generators=episode_generators(1, [0, 1], torch.device("cpu")))
+                                               generators=episode_generators(1, [0, 1], trainer.device))
         rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses.clone(), logprobs.clone())[0]
         expected = response_logprobs(plain_policy, rollout, trainer.temperature)[0]
         # the sampling pass's log-probs are the policy's, as a full forward pass computes them
@@ -204,11 +211,10 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_bac
         trainer = make_trainer(ppo_inputs, totalEpisodes=4, gradientCheckpointing=checkpointing,
                                lora={"enabled": lora, "r": 4, "alpha": 8})
         history = trainer.train()
-        tok = trainer.models.tokenizer
-        queries, mask = left_pad(encode_prompts(tok, PROMPTS[:2], True), tok.pad_token_id)
+        queries, mask = prompt_batch(trainer, PROMPTS[:2])
         responses, logprobs = sample_responses(trainer.models.policy, queries, mask, trainer.s.generation,
                                                stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
-                                               generators=episode_generators(0, [0, 1], torch.device("cpu")))
+                                               generators=episode_generators(0, [0, 1], trainer.device))
         rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses, logprobs)[0]
         saved = []  # bytes the value model's forward pass keeps for its backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
@@ -226,14 +232,13 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_bac
 def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
     """Each episode samples from its own generator: one process or two give the same responses."""
     trainer = make_trainer(ppo_inputs)
-    tok = trainer.models.tokenizer
     gen = trainer.s.generation.model_copy(update={"max_new_tokens": 16})
 
     def sample(prompts, episodes):
-        queries, mask = left_pad(encode_prompts(tok, prompts, True), tok.pad_token_id)
+        queries, mask = prompt_batch(trainer, prompts)
         out, _ = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_id=trainer.stop_id,
                                   pad_token_id=trainer.pad_id,
-                                  generators=episode_generators(3, episodes, torch.device("cpu")))
+                                  generators=episode_generators(3, episodes, trainer.device))
         return [row[row != trainer.pad_id].tolist() for row in out]
 
     together = sample(PROMPTS[:4], [0, 1, 2, 3])

@@ -142,8 +142,9 @@ def free_port() -> int:
 
 def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
     settings = {"miniBatchSize": 4, "totalEpisodes": 8}  # one mini-batch per step: the same rows either way
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a machine with one GPU (NCCL needs one per process)
     single = stage_config(artifacts, tmp_path / "one", "single", **settings)
-    proc = rlhf_train(single, tmp_path / "one" / "ws")
+    proc = rlhf_train(single, tmp_path / "one" / "ws", **cpu)
     output = finish(proc)
     assert proc.returncode == 0, output
 
@@ -151,7 +152,7 @@ def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
                            distributed={"nodes": 2, "zeroStage": 3}, **settings)
     port = str(free_port())
     procs = [rlhf_train(sharded, tmp_path / "two" / f"ws{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0") for rank in (0, 1)]
+                        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", **cpu) for rank in (0, 1)]
     outputs = [finish(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
 

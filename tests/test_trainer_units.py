@@ -212,8 +212,9 @@ def test_trl_configs_follow_the_specs_gradient_checkpointing_without_deprecation
 @pytest.mark.parametrize("native", [False, True], ids=["cpu-without-bf16-simulated", "cpu-with-bf16-simulated"])
 def test_bf16_set_where_the_cpu_emulates_bfloat16_is_obeyed_with_one_warning_naming_the_field(native, monkeypatch,
                                                                                               capsys):
-    # The CPU's instruction set is the boundary simulated here: this machine has one kind or the other.
+    # The CPU's instruction set is the boundary simulated here: this machine has one kind or the other (and no GPU).
     monkeypatch.setattr(trainer_models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer_models._warn_once.cache_clear()
     assert [trainer_models.bf16_enabled(True, "spec.sft.bf16") for _ in range(2)] == [True, True]
     assert trainer_models.bf16_enabled(False, "spec.reward.bf16") is False
@@ -227,6 +228,7 @@ def test_bf16_set_where_the_cpu_emulates_bfloat16_is_obeyed_with_one_warning_nam
 
 
 def test_cpu_bf16_detection_follows_the_override_variable_and_rejects_other_values(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, as in CI
     detect = trainer_models.cpu_has_native_bf16
     try:
         for value, expected in (("1", True), ("0", False)):
@@ -340,3 +342,16 @@ def test_rlhf_train_exit_codes(tmp_path, capsys):
         == EXIT_CONFIG_ERROR
     assert "spec.ppo.prompts is required" in capsys.readouterr().err  # checked before any model is loaded
     assert not (tmp_path / "store").exists()  # nothing was published
+
+
+def test_a_second_process_on_a_one_gpu_node_is_refused_naming_the_fix_gpu_simulated(monkeypatch):
+    """NCCL needs a GPU per process; two on one GPU would fail later with "Duplicate GPU detected". The GPU is the
+    boundary simulated here (torch.cuda says one is present); the check runs before any CUDA call."""
+    from rlhf_trainer.ppo import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1, but this node has 1 GPU.*spec\.ppo\.resources\.limits"):
+        distributed.init()

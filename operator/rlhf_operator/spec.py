@@ -169,7 +169,10 @@ class ModelSpec(SpecModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="dtype, optional: weight dtype. auto is bfloat16 on a GPU that supports it, else float32.",
+        description="dtype, optional: weight dtype. auto: trained weights in float32 (with a stage's bf16 on, "
+        "the master weights of mixed precision), weights that are only read (reference, reward model, LoRA's "
+        "frozen base, sampling, evaluation on a GPU) in bfloat16 where bf16 is on. bfloat16 trains the weights "
+        "themselves in bfloat16 (half the memory, coarser updates).",
     )
     tokenizer: TokenizerSpec = Field(
         default_factory=TokenizerSpec, description="tokenizer, optional: tokenizer options."

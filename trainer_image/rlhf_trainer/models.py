@@ -3,7 +3,9 @@
 * Tokenizer: an explicit pad token distinct from EOS (a new ``<|pad|>`` when the model has none, as the
   seeds add ``[PAD]``), left padding for generation, and the spec's chat template when given.
 * Causal LMs (SFT, policy, reference) and sequence classifiers with ``num_labels=1`` (reward, value).
-* dtype ``auto``: bfloat16 on a CUDA GPU that supports it, float32 otherwise.
+* dtype ``auto``: float32. Weights that are trained stay float32 (under ``bf16`` they are the master weights and
+  the products run in bfloat16 under autocast: mixed precision, as TRL's and DeepSpeed's bf16 train); weights that
+  are only read are stored in bfloat16 under ``bf16`` (:func:`frozen_spec`).
 * A stage's ``bf16``: as given, or by default where the hardware computes in bfloat16 (a CUDA GPU that supports
   it, a CPU with AMX or AVX512-BF16); set true on a CPU without those instructions, it is obeyed with a warning
   (PyTorch emulates bfloat16 there, up to tens of times slower than float32).
@@ -31,10 +33,13 @@ def device() -> torch.device:
 
 
 def resolve_dtype(model: ModelSpec) -> torch.dtype:
-    if model.dtype == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, model.dtype)
+    """The dtype weights are loaded in: the spec's, float32 for ``auto``."""
+    return torch.float32 if model.dtype == "auto" else getattr(torch, model.dtype)
+
+
+def cuda_bf16() -> bool:
+    """Whether a CUDA GPU is here and computes in bfloat16 (Ampere and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def bf16_enabled(flag: bool | None, field: str) -> bool:
@@ -43,7 +48,7 @@ def bf16_enabled(flag: bool | None, field: str) -> bool:
     where bfloat16 runs emulated (a CPU without those instructions) it still holds, with a warning that names
     the field."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported() if flag is None else flag
+        return cuda_bf16() if flag is None else flag
     if flag is None:
         return cpu_has_native_bf16()
     if flag and not cpu_has_native_bf16():
@@ -104,8 +109,8 @@ def quantization_config(model: ModelSpec) -> Any | None:
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=resolve_dtype(model))
+        compute = torch.bfloat16 if model.dtype == "auto" and cuda_bf16() else resolve_dtype(model)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from rlhf_trainer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -65,7 +67,13 @@ def init(*, always_group: bool = False, timeout_s: int = 1800) -> World:
     for name, value in (("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", local_rank)):
         os.environ.setdefault(name, str(value))  # DeepSpeed reads them; plain MASTER_*/RANK launches may lack some
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():  # NCCL would fail later with "Duplicate GPU detected"
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank}, but this node has {torch.cuda.device_count()} GPU(s): NCCL needs a GPU "
+                "of its own for each process. Start at most one process per GPU on a node (torchrun "
+                "--nproc-per-node; on a cluster each PPO pod is one process: give it a GPU with "
+                "spec.ppo.resources.limits nvidia.com/gpu: 1)")
+        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")

@@ -127,7 +127,7 @@ class DeepSpeedLearner:
 
     def __init__(self, module: nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, total_updates: int,
                  max_grad_norm: float, world: World, zero_stage: int, micro_batch: int,
-                 accumulation_steps: int) -> None:
+                 accumulation_steps: int, bf16: bool) -> None:
         deepspeed = import_deepspeed()
         self.world = world
         self.zero_stage = zero_stage
@@ -139,6 +139,10 @@ class DeepSpeedLearner:
             "gradient_clipping": max_grad_norm,
             "zero_optimization": {"stage": zero_stage},
             "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own needs compiled kernels
+            # The engine turns off a CUDA autocast that is on around its forward pass unless it runs its own: under
+            # bf16, torch's autocast over the float32 master weights, as outside DeepSpeed (without it a LoRA value
+            # head in float32 meets its frozen bfloat16 base's outputs and the product fails).
+            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
@@ -201,11 +205,11 @@ def import_deepspeed() -> Any:
 
 
 def make_learner(module: nn.Module, *, lr: float, settings: PPOSpec, total_updates: int, micro_batch: int,
-                 world: World) -> Learner:
+                 world: World, bf16: bool) -> Learner:
     """The learner ``settings.distributed.zeroStage`` asks for: plain PyTorch for 0, DeepSpeed for 1-3."""
     common: dict[str, Any] = dict(lr=lr, scheduler=settings.lr_scheduler_type, warmup_ratio=settings.warmup_ratio,
                                   total_updates=total_updates, max_grad_norm=settings.max_grad_norm, world=world)
     if settings.distributed.zero_stage == 0:
         return TorchLearner(module, **common)
     return DeepSpeedLearner(module, **common, zero_stage=settings.distributed.zero_stage, micro_batch=micro_batch,
-                            accumulation_steps=settings.gradient_accumulation_steps)
+                            accumulation_steps=settings.gradient_accumulation_steps, bf16=bf16)

@@ -131,7 +131,7 @@ class PPOTrainer:
 
         def learner(module: torch.nn.Module, lr: float) -> Any:
             return make_learner(module, lr=lr, settings=settings, total_updates=self.sizes.updates,
-                                micro_batch=self.sizes.micro_batch, world=world)
+                                micro_batch=self.sizes.micro_batch, world=world, bf16=self.bf16)
 
         self.policy = learner(models.policy, settings.learning_rate)
         # Under bf16, full fine-tuning samples from a bfloat16 copy (LoRA and ZeRO-3 sample under autocast).

@@ -84,7 +84,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     held_out = load_prompts(settings.prompts, ws)
     prompts = [p for p in held_out for _ in range(settings.samples_per_prompt)]
     dev = models.device()
-    spec = ws.config.model
+    spec = models.frozen_spec(ws.config.model, models.cuda_bf16())  # both policies only answer: bf16 on a GPU
     judge = make_judge(settings.judge.type)
 
     def answer(role: str) -> tuple[Any, Any, list[Sample], Path]:
