@@ -1,4 +1,4 @@
-"""PPO step time and peak memory on the demo model, on this machine's CPU.
+"""PPO step time and peak memory on the demo model, on this machine's CPU (or its GPU, where it has CUDA).
 
 SmolLM2-135M-Instruct is the policy and the reference; a sequence classifier on the same weights (score head
 initialised from a fixed seed) is the reward and the value model. Both are saved once as the earlier stages
@@ -19,7 +19,8 @@ at the machine's measured rate (the floor the step time approaches), the load av
 slows every figure) and the machine's speed around the run (a float32 matrix product and a memory read: on a shared
 virtual machine they drift by up to half between hours, with nothing running beside). Each process runs on tcmalloc
 where the machine has it, as the trainer does (``rlhf_operator.malloc``); ``--glibc`` measures glibc's malloc
-instead.
+instead. With a CUDA GPU the step runs there (float32 or bf16 autocast, as the configuration's name says) and
+the line adds the process's peak GPU memory.
 
     scripts/in-venv python bench/ppo_step.py [--steps 3] [--only full-fp32 lora-fp32 ...] [--glibc]
         [--gradient-checkpointing] [--accumulation 2] [--chat-template] [--lora-targets q_proj v_proj]
@@ -209,9 +210,12 @@ def main() -> int:
                                                  args.gradient_checkpointing, args.lora_targets)), flush=True)
         return 0
 
-    from rlhf_trainer.models import cpu_has_native_bf16
+    import torch
 
-    names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or cpu_has_native_bf16()]
+    from rlhf_trainer.models import cpu_has_native_bf16, cuda_bf16
+
+    bf16_here = cuda_bf16() if torch.cuda.is_available() else cpu_has_native_bf16()
+    names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or bf16_here]
     if args.reference and (args.chat_template or args.accumulation != 1 or args.gradient_checkpointing
                            or args.lora_targets != ["all-linear"]):
         parser.error("--reference runs the default configuration only (plain prompts, one micro-batch, no "

@@ -101,7 +101,7 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
         return {p.data_ptr(): p.numel() for n, p in module.named_parameters() if "lora_" not in n
                 and "modules_to_save" not in n}
 
-    plain_policy = hf_models.load_causal_lm(sft, spec, models.tokenizer)
+    plain_policy = hf_models.load_causal_lm(sft, spec, models.tokenizer).to(trainer.device)
     plain_reward = hf_models.load_sequence_classifier(rm, spec, models.tokenizer)
     assert sum(base_storages(models.policy).values()) == sum(p.numel() for p in plain_policy.parameters())
     assert sum(base_storages(models.value).values()) == sum(p.numel() for p in plain_reward.parameters())
@@ -129,7 +129,7 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
 
     save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri(), base_dir=sft, spec=spec)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").to(trainer.device)
     with torch.no_grad():
         torch.testing.assert_close(response_logprobs(merged, rollout, trainer.temperature)[0], rollout.logprobs,
                                    atol=1e-5, rtol=1e-5)
@@ -150,7 +150,8 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_merges_into_the_float
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    plain = hf_models.load_causal_lm(sft, spec, models.tokenizer)
+    plain = hf_models.load_causal_lm(sft, spec, models.tokenizer).to(trainer.device)
+    merged = merged.to(trainer.device)
     assert merged.dtype == torch.float32
     adapter = models.policy.get_base_model().model.layers[0].self_attn.q_proj
     delta = (adapter.lora_B["default"].weight @ adapter.lora_A["default"].weight) * adapter.scaling["default"]
@@ -167,7 +168,7 @@ def test_under_bf16_frozen_models_are_bf16_and_rollouts_sample_from_a_refreshed_
     assert {p.dtype for m in (models.reference, models.reward) for p in m.parameters()} == {torch.bfloat16}
     assert {p.dtype for m in (models.policy, models.value) for p in m.parameters()} == {torch.float32}
     # trained models use eager attention on CPU (its backward is the fast one under bf16), the sampler SDPA
-    assert models.policy.config._attn_implementation == "eager"
+    assert models.policy.config._attn_implementation == ("eager" if trainer.device.type == "cpu" else "sdpa")
     assert trainer.sampler.model.config._attn_implementation == "sdpa"
 
     history = trainer.train()
