@@ -63,11 +63,14 @@ def output_dir(config: Path) -> Path:
     return Path(json.loads(config.read_text())["outputUri"].removeprefix("file://"))
 
 
+def trainer_environment(**env: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1", **env}
+
+
 def rlhf_train(config: Path, workspace: Path, **env: str) -> subprocess.Popen:
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "PYTHONUNBUFFERED": "1", **env}
     return subprocess.Popen([sys.executable, "-m", "rlhf_trainer", "ppo", "--config", str(config),
-                             "--workspace", str(workspace)], env=environment, stdout=subprocess.PIPE,
+                             "--workspace", str(workspace)], env=trainer_environment(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -140,19 +143,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
-    settings = {"miniBatchSize": 4, "totalEpisodes": 8}  # one mini-batch per step: the same rows either way
-    cpu = {"CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a machine with one GPU (NCCL needs one per process)
-    single = stage_config(artifacts, tmp_path / "one", "single", **settings)
-    proc = rlhf_train(single, tmp_path / "one" / "ws", **cpu)
+SHARDED = {"miniBatchSize": 4, "totalEpisodes": 8}  # one mini-batch per step: the same rows in 1 or 2 processes
+CPU = {"CUDA_VISIBLE_DEVICES": ""}  # gloo on CPU, also on a machine with one GPU (NCCL needs one per process)
+COMPARED = ("objective/rm_score", "objective/kl", "loss/policy", "loss/value", "policy/approxkl", "policy/entropy",
+            "val/mean", "response/length")
+
+
+@pytest.fixture(scope="module")
+def one_process(artifacts, tmp_path_factory) -> list[dict]:
+    """The metrics of the two steps of :data:`SHARDED` in one process."""
+    root = tmp_path_factory.mktemp("one-process")
+    single = stage_config(artifacts, root, "single", **SHARDED)
+    proc = rlhf_train(single, root / "ws", **CPU)
     output = finish(proc)
     assert proc.returncode == 0, output
+    return steps(output_dir(single) / "metrics.jsonl")
 
+
+def assert_same_steps(one: list[dict], two: list[dict]) -> None:
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
+
+
+def test_two_processes_with_zero3_match_one_process(artifacts, one_process, tmp_path):
     sharded = stage_config(artifacts, tmp_path / "two", "zero3", storage={"keepCheckpoints": True}, saveSteps=1,
-                           distributed={"nodes": 2, "zeroStage": 3}, **settings)
+                           distributed={"nodes": 2, "zeroStage": 3}, **SHARDED)
     port = str(free_port())
     procs = [rlhf_train(sharded, tmp_path / "two" / f"ws{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", **cpu) for rank in (0, 1)]
+                        WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0", **CPU) for rank in (0, 1)]
     outputs = [finish(p) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
 
@@ -161,9 +181,21 @@ def test_two_processes_with_zero3_match_one_process(artifacts, tmp_path):
     assert pointer["processes"] == 2
     for rank in (0, 1):  # every process stored its own ZeRO shard
         assert (out / "checkpoints" / pointer["checkpoint"] / f"rank-{rank}" / "manifest.json").exists()
-    one, two = steps(output_dir(single) / "metrics.jsonl"), steps(out / "metrics.jsonl")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        for key in ("objective/rm_score", "objective/kl", "loss/policy", "loss/value", "policy/approxkl",
-                    "policy/entropy", "val/mean", "response/length"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
+    assert_same_steps(one_process, steps(out / "metrics.jsonl"))
+
+
+def test_two_processes_in_one_pod_under_torchrun_share_its_workspace_and_match_one_process(artifacts, one_process,
+                                                                                          tmp_path):
+    """``procsPerNode: 2``: the pod runs torchrun, configured by the PET_* variables its Job sets, and both
+    processes use the pod's one workspace (RLHF_WORKSPACE) for their inputs and checkpoints."""
+    pod = stage_config(artifacts, tmp_path, "torchrun", storage={"keepCheckpoints": True}, saveSteps=1,
+                       distributed={"procsPerNode": 2, "zeroStage": 3}, **SHARDED)
+    environment = trainer_environment(RLHF_WORKSPACE=str(tmp_path / "ws"), PET_NNODES="1", PET_NPROC_PER_NODE="2",
+                                      PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(free_port()),
+                                      **CPU)
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--module", "rlhf_trainer", "ppo",
+                               "--config", str(pod)], env=environment, capture_output=True, text=True, timeout=600)
+    assert torchrun.returncode == 0, torchrun.stdout[-4000:] + torchrun.stderr[-4000:]
+
+    assert json.loads((output_dir(pod) / "checkpoints" / "latest.json").read_text())["processes"] == 2
+    assert_same_steps(one_process, steps(output_dir(pod) / "metrics.jsonl"))
