@@ -289,11 +289,22 @@ def test_vader_judge_orders_sentiment():
     assert good > 0.5 and bad < -0.5
 
 
-def test_quantization_on_cpu_is_a_configuration_error():
+def test_quantization_on_cpu_is_a_configuration_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only node, also on a GPU machine
     spec = ModelSpec.model_validate({"uri": "builtin://smollm2-135m-instruct", "quantization": {"bits": 4}})
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: 4-bit loading is allowed here")
     with pytest.raises(ConfigError, match="quantization.bits=4 needs a CUDA GPU"):
+        quantization_config(spec)
+
+
+def test_quantization_without_bitsandbytes_names_the_image_that_has_it_gpu_simulated(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU is the boundary simulated here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes"
+                        else real_find_spec(name, *a))
+    spec = ModelSpec.model_validate({"uri": "builtin://smollm2-135m-instruct", "quantization": {"bits": 8}})
+    with pytest.raises(ConfigError, match="bits=8 loads weights with bitsandbytes.*CUDA trainer image"):
         quantization_config(spec)
 
 

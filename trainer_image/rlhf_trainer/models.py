@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from functools import cache
@@ -105,6 +106,12 @@ def quantization_config(model: ModelSpec) -> Any | None:
         raise ConfigError(
             f"spec.model.quantization.bits={bits} needs a CUDA GPU and this node has none: "
             "remove quantization.bits, or request nvidia.com/gpu in the stage's resources"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"spec.model.quantization.bits={bits} loads weights with bitsandbytes, which this trainer image lacks: "
+            "run the stage on the CUDA trainer image (trainer_image/Dockerfile, VARIANT=cuda), "
+            "pip install bitsandbytes into yours, or remove quantization.bits"
         )
     from transformers import BitsAndBytesConfig
 
