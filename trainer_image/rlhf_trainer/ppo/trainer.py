@@ -162,9 +162,16 @@ class PPOTrainer:
                 checkpoint(self)
         return self.history
 
+    def clock(self) -> float:
+        """Seconds on a monotonic clock once the device has finished the work queued so far (a GPU runs behind the
+        Python that queues its kernels: without waiting, time would land in whichever phase waits next)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def train_step(self) -> dict[str, float]:
         s, world = self.s, self.world
-        started = time.perf_counter()
+        started = self.clock()
         episodes = self.episodes_of_step(self.step)
         prompts = [self.prompt_of(e) for e in episodes]
 
@@ -181,12 +188,12 @@ class PPOTrainer:
                 sampler, queries, query_mask, s.generation, stop_token_id=self.stop_id, pad_token_id=self.pad_id,
                 generators=episode_generators(s.seed, episodes, self.device), interrupted=lambda: self.stop_requested)
         self.raise_if_stopped()
-        generated = time.perf_counter()
+        generated = self.clock()
 
         # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs, values.
         rollout, texts, values_graph = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
         gold = self.judge.score(prompts, texts) if self.judge is not None else None
-        scored = time.perf_counter()
+        scored = self.clock()
         self.raise_if_stopped()
 
         # 3. Rewards: -beta * KL(pi || pi_ref) on every token, plus the score on the last token.
@@ -203,7 +210,7 @@ class PPOTrainer:
 
         # 5. PPO epochs over shuffled mini-batches.
         update_stats = self.update(experience, values_graph)
-        updated = time.perf_counter()
+        updated = self.clock()
 
         # 6. Adapt beta to this step's KL (nats per response), log, check the guardrails.
         kl_per_response = self.mean(kl.sum(1))
