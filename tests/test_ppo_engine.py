@@ -184,6 +184,32 @@ def test_under_bf16_frozen_models_are_bf16_and_rollouts_sample_from_a_refreshed_
     assert make_trainer(ppo_inputs, bf16=True, lora={"enabled": True, "r": 4, "alpha": 8}).sampler is None
 
 
+def test_on_a_bf16_gpu_trained_weights_stay_float32_and_bf16_false_loads_nothing_in_bf16_gpu_simulated(
+        ppo_inputs, monkeypatch):
+    """The dtype decisions load_models makes on a GPU with bfloat16, the GPU simulated (torch.cuda answers as an
+    Ampere GPU would while the models load on this CPU). dtype auto once meant bfloat16 there for every weight: with
+    bf16 false, LoRA's float32 value head then met its bfloat16 base (a dtype error in the first step)."""
+    sft, rm, spec = ppo_inputs
+    world = distributed.init()
+
+    def load(**overrides):
+        with monkeypatch.context() as gpu:
+            gpu.setattr(torch.cuda, "is_available", lambda: True)
+            gpu.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+            s = settings(**{"bf16": None, **overrides})  # unset: bfloat16 on such a GPU
+            return s, load_models(sft, rm, spec, s, world.device)
+
+    _, models = load()
+    assert {p.dtype for m in (models.policy, models.value) for p in m.parameters()} == {torch.float32}
+    assert {p.dtype for m in (models.reference, models.reward) for p in m.parameters()} == {torch.bfloat16}
+
+    s, models = load(bf16=False, lora={"enabled": True, "r": 4, "alpha": 8})
+    assert {p.dtype for m in (models.policy, models.value) for p in m.parameters()} == {torch.float32}
+    torch.manual_seed(s.seed)
+    history = PPOTrainer(s, models, PROMPTS, world).train()  # on this CPU, as bf16 false runs on the GPU
+    assert all(math.isfinite(v) for entry in history for v in entry.values())
+
+
 def test_seeded_runs_are_identical_on_cpu(ppo_inputs):
     def run():
         return [{k: v for k, v in entry.items() if not k.startswith(("time/", "throughput/"))}
