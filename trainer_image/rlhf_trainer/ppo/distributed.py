@@ -87,6 +87,8 @@ def init(*, always_group: bool = False, timeout_s: int = 1800) -> World:
             rank=rank,
             world_size=size,
             timeout=timedelta(seconds=timeout_s),
+            # NCCL binds the group to this process's GPU (else each barrier() warns that it guesses the device)
+            **({"device_id": device} if device.type == "cuda" else {}),
         )
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
 
