@@ -149,9 +149,8 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_merges_into_the_float
     save_policy(trainer, tmp_path / "merged", merge=True, base_uri=sft.as_uri(), base_dir=sft, spec=spec)
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").to(trainer.device)
     plain = hf_models.load_causal_lm(sft, spec, models.tokenizer).to(trainer.device)
-    merged = merged.to(trainer.device)
     assert merged.dtype == torch.float32
     adapter = models.policy.get_base_model().model.layers[0].self_attn.q_proj
     delta = (adapter.lora_B["default"].weight @ adapter.lora_A["default"].weight) * adapter.scaling["default"]
