@@ -1,5 +1,6 @@
 """Stage 3, reward model: a sequence classifier (num_labels=1) trained on preference pairs with TRL's
-RewardTrainer (Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected)).
+RewardTrainer (Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected)), in batches that score each distinct
+response once (:mod:`rlhf_trainer.preference_batches`).
 
 The backbone is pi_SFT (or the base model, ``initFrom: base``). ``evalFraction`` of the pairs is held out
 and the stage reports the held-out pair accuracy: the fraction of pairs whose chosen response outscores the
@@ -54,7 +55,9 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list,
 
 def run(ws: Workspace) -> dict[str, Any]:
     from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
+
+    from rlhf_trainer.preference_batches import DistinctResponseRewardTrainer
 
     settings: RewardSpec = ws.config.stage_settings()  # type: ignore[assignment]
     backbone = ws.fetch_dir("model")
@@ -84,7 +87,7 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     log = ws.output_dir / "trainer_log.jsonl"
     stopper = hf_training.StopOnSigterm()
-    trainer = RewardTrainer(
+    trainer = DistinctResponseRewardTrainer(
         model=model,
         args=RewardConfig(
             **hf_training.training_args(settings, ws.checkpoints_dir, bf16),
@@ -108,9 +111,11 @@ def run(ws: Workspace) -> dict[str, Any]:
         "steps": result.global_step,
     }
     if eval_rows:
-        prompts = [r["prompt"] for r in eval_rows]
-        chosen = reward_scoring.score(trained, tokenizer, prompts, [r["chosen"] for r in eval_rows], chat=chat)
-        rejected = reward_scoring.score(trained, tokenizer, prompts, [r["rejected"] for r in eval_rows], chat=chat)
+        texts = sorted({(r["prompt"], r[side]) for r in eval_rows for side in ("chosen", "rejected")})
+        score_of = dict(zip(texts, reward_scoring.score(trained, tokenizer, [p for p, _ in texts],
+                                                        [t for _, t in texts], chat=chat)))
+        chosen = [score_of[r["prompt"], r["chosen"]] for r in eval_rows]
+        rejected = [score_of[r["prompt"], r["rejected"]] for r in eval_rows]
         metrics["eval_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
         metrics["eval_margin"] = round(sum(c - r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
     tokenizer.padding_side = ws.config.model.tokenizer.padding_side
