@@ -14,7 +14,9 @@ forward passes for K completions"):
   its margin and centring terms, its metrics) the rewards of both sides of every pair.
 
 The loss of a batch is the same as TRL's on the same pairs; batches of 8 of the demo's pairs carry about 9
-sequences instead of 16.
+sequences instead of 16. What differs from TRL's run is which pairs share a batch: two or three prompts' pairs
+instead of eight shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on
+that reward model gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
 """
 
 from __future__ import annotations
