@@ -11,8 +11,9 @@ reward      R_phi (sequence classifier, 1 label)   no         the value model wi
 
 Frozen models are in eval mode with gradients off; under bf16 (``spec.ppo.bf16``) their weights are stored in
 bfloat16 (half the memory, no cast at every forward pass), LoRA's frozen base included, while trained weights
-stay in the spec's dtype (float32 for ``auto``: master weights under autocast). Dropout is disabled everywhere (detail:
-with dropout the log-probabilities of the rollout and of the first update would differ for the same weights).
+stay in the spec's dtype (float32 for ``auto``: master weights under autocast). Dropout is disabled everywhere
+(detail: with dropout the log-probabilities of the rollout and of the first update would differ for the same
+weights).
 The value model is the reward model's scalar head read at every position (:class:`TokenValues`), so its first
 estimates are the reward model's own opinion of each prefix. ``gradientCheckpointing`` checkpoints the decoder
 layers of the two trained models.
