@@ -147,6 +147,85 @@ def test_sampling_runs_one_forward_pass_per_sampled_token(tiny_model_dir):
     assert passes[0] > 1 and passes[1:] == [1] * (longest - 1)
 
 
+def test_a_reward_model_of_the_first_layers_keeps_their_weights_and_too_many_layers_name_the_field(tiny_model_dir,
+                                                                                                    tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_trainer.models import load_causal_lm, load_sequence_classifier, save_plain
+    from rlhf_trainer.stages.reward import backbone_layers
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)
+    lm = load_causal_lm(tiny_model_dir, spec, tok)
+    rm = load_sequence_classifier(tiny_model_dir, spec, tok, num_layers=1, zero_new_head=True)
+    assert len(rm.model.layers) == 1 and rm.config.num_hidden_layers == 1
+    for name, weight in rm.model.named_parameters():
+        expected = lm.model.get_parameter(name)
+        if name == "embed_tokens.weight":  # but the row of the pad token load_tokenizer added: drawn afresh
+            weight, expected = weight[:tok.pad_token_id], expected[:tok.pad_token_id]
+        torch.testing.assert_close(weight, expected, atol=0, rtol=0)
+    save_plain(rm, tok, tmp_path / "rm")
+    assert len(AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").model.layers) == 1
+
+    assert backbone_layers(tiny_model_dir, 2, spec) == 2 and backbone_layers(tiny_model_dir, None, spec) is None
+    with pytest.raises(ConfigError, match=r"spec.reward.numLayers is 3 but the backbone has 2 .* at most 2"):
+        backbone_layers(tiny_model_dir, 3, spec)
+
+
+def test_distinct_rows_find_repeated_prompts_with_their_padding():
+    from rlhf_trainer.generation import distinct_rows
+
+    queries = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [5, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1], [1, 1, 1]])
+    firsts, copies = distinct_rows(queries, mask)
+    assert sorted(firsts.tolist()) == [0, 1, 4]  # each prompt's first row
+    assert torch.equal(queries[firsts][copies], queries) and torch.equal(mask[firsts][copies], mask)
+    padded_alike = torch.tensor([[0, 5, 6], [0, 5, 6]])  # the same ids, but pad id 0 is a real token in one
+    assert distinct_rows(padded_alike, torch.tensor([[0, 1, 1], [1, 1, 1]]))[0] is None
+    assert distinct_rows(queries[:2], mask[:2])[0] is None
+
+
+def test_a_batch_decodes_a_repeated_prompt_once_and_drops_rows_that_stopped(tiny_model_dir):
+    """Each answer equals the one its row samples alone, while the passes shrink: one prompt pass per distinct
+    prompt, and a row that sampled the stop token is in no later pass."""
+    from rlhf_operator.spec import GenerationSpec
+    from rlhf_trainer.generation import encode_prompts, sample_responses
+    from rlhf_trainer.models import load_causal_lm
+    from rlhf_trainer.padding import left_pad
+    from rlhf_trainer.seeding import generator
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)
+    model = load_causal_lm(tiny_model_dir, spec, tok).eval()
+    prompts = ["Review a heist film", "Review a musical", "Review a heist film", "Review a heist film"]
+    gen = GenerationSpec(maxNewTokens=10, temperature=1.0)
+    ids = encode_prompts(tok, prompts, True)
+
+    def decode(rows, stop):
+        queries, mask = left_pad([ids[i] for i in rows], tok.pad_token_id)
+        return sample_responses(model, queries, mask, gen, stop_token_id=stop, pad_token_id=tok.pad_token_id,
+                                generators=[generator(9, "test", i) for i in rows])
+
+    free, _ = decode(range(4), stop=-1)  # no row stops: pick a stop token some rows sample early, others never
+    stop = free[0, 2].item()
+    assert any(stop not in row for row in free.tolist())
+    passes = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape),
+                                       with_kwargs=True)
+    together, logprobs = decode(range(4), stop)
+    hook.remove()
+    for i in range(4):
+        alone, alone_logprobs = decode([i], stop)
+        n = alone.shape[1]
+        assert together[i, :n].tolist() == alone[0].tolist() and (together[i, n:] == tok.pad_token_id).all()
+        torch.testing.assert_close(logprobs[i, :n], alone_logprobs[0], atol=1e-5, rtol=1e-5)
+        assert (logprobs[i, n:] == 0).all()
+    lengths = [row.index(stop) + 1 if stop in row else len(row) for row in together.tolist()]
+    assert passes[0][0] == 2  # two distinct prompts
+    assert [rows for rows, _ in passes[1:]] == [sum(n > t for n in lengths) for t in range(1, max(lengths))]
+    assert min(lengths) < max(lengths)  # a row left the batch early
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, temperature):
     """The evaluate stage reads the policy's log-probabilities from its sampling pass, not a second forward pass."""

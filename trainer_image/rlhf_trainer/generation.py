@@ -2,8 +2,11 @@
 stages.
 
 Prompts are wrapped in the chat template (when there is one and the spec wants it), left-padded, and decoded
-with the KV cache, one token per step for the whole batch, without autograd. A response ends at the stop token
-(kept in its token ids, so a later stage can tell which responses stopped on their own).
+with the KV cache, one token per step for every row still writing, without autograd. A response ends at the
+stop token (kept in its token ids, so a later stage can tell which responses stopped on their own), and its row
+leaves the batch: the passes after it compute only the answers still being written (the policy's answers in the
+demo's evaluation average 25 tokens of a possible 40). A prompt the batch holds several times (several answers
+per prompt) runs through the model once; its KV cache is copied to the repeats.
 
 Each response draws from its own random generator (one uniform number per token, inverse-CDF sampling over the
 softmax), so what a prompt gets depends on the seed and its index only, not on the batch it was decoded in.
@@ -144,41 +147,71 @@ def sample_responses(
         return _sample(model, queries, query_mask, gen, stop_token_id, pad_token_id, generators, interrupted)
 
 
+def distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's distinct prompts: ``(firsts, copies)`` with ``queries[firsts][copies]`` equal to ``queries``.
+
+    Several answers per prompt (the preferences and evaluate stages) repeat a prompt in a batch; its prompt pass
+    runs once and the KV cache is copied to the repeats. ``firsts`` is None when every prompt is distinct.
+    """
+    rows = torch.cat([queries, query_mask.to(queries.dtype)], dim=1)  # equal ids and equal padding
+    distinct, copies = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return None, copies
+    firsts = torch.full((distinct.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
+    firsts.scatter_reduce_(0, copies, torch.arange(rows.shape[0], device=rows.device), reduce="amin")
+    return firsts, copies
+
+
 def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationSpec, stop_token_id: int,
             pad_token_id: int, generators: Sequence[torch.Generator],
             interrupted: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor]:
     warpers = _warpers(gen)
     scale = logit_scale(gen.temperature)
+    batch = queries.shape[0]
     mask = query_mask.clone()
     positions = position_ids(mask)
-    out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    done = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
-    tokens: list[torch.Tensor] = []
-    logprobs: list[torch.Tensor] = []
-    for _ in range(gen.max_new_tokens):
+    firsts, copies = distinct_rows(queries, query_mask)
+    if firsts is None:
+        out = model(input_ids=queries, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    else:  # one prompt pass per distinct prompt
+        out = model(input_ids=queries[firsts], attention_mask=mask[firsts], position_ids=positions[firsts],
+                    use_cache=True, logits_to_keep=1)
+        out.past_key_values.reorder_cache(copies)
+        logits = out.logits[copies, -1]
+    # Rows still decoding, by their index in the batch: a row that samples the stop token leaves the decoding
+    # batch (and its KV cache), so the later passes compute only the answers still being written.
+    rows = torch.arange(batch, device=queries.device)
+    responses = torch.full((batch, gen.max_new_tokens), pad_token_id, dtype=queries.dtype, device=queries.device)
+    logprobs = torch.zeros((batch, gen.max_new_tokens), device=queries.device)
+    length = 0
+    for step in range(gen.max_new_tokens):
         if interrupted():
             break
-        logits = out.logits[:, -1].float() / scale
+        logits = logits.float() / scale
         if gen.temperature == 0:
             next_tokens = logits.argmax(-1)
         else:
             filtered = logits
             for warp in warpers:
                 filtered = warp(None, filtered)
-            next_tokens = sample_tokens(filtered, generators)
-        logprob = logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        tokens.append(torch.where(done, pad_token_id, next_tokens))
-        logprobs.append(torch.where(done, 0.0, logprob))
-        done |= tokens[-1] == stop_token_id
-        if bool(done.all()) or len(tokens) == gen.max_new_tokens:  # no forward pass for a token never sampled
+            next_tokens = sample_tokens(filtered, [generators[i] for i in rows.tolist()])
+        responses[rows, step] = next_tokens
+        logprobs[rows, step] = logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        length = step + 1
+        going = next_tokens != stop_token_id
+        if not bool(going.any()) or length == gen.max_new_tokens:  # no forward pass for a token never sampled
             break
+        if not bool(going.all()):
+            keep = going.nonzero().squeeze(1)
+            out.past_key_values.reorder_cache(keep)
+            rows, mask, positions, next_tokens = rows[keep], mask[keep], positions[keep], next_tokens[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-        out = model(input_ids=tokens[-1].unsqueeze(1), attention_mask=mask, position_ids=positions,
+        out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
                     past_key_values=out.past_key_values, use_cache=True)
-    if not tokens:  # interrupted before the first token
-        return queries.new_zeros((queries.shape[0], 0)), torch.zeros((queries.shape[0], 0), device=queries.device)
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+        logits = out.logits[:, -1]
+    return responses[:, :length], logprobs[:, :length]
 
 
 @torch.inference_mode()
