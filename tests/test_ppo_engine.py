@@ -91,6 +91,31 @@ def test_full_finetuning_trains_policy_and_value_only(ppo_inputs):
         assert key in history[-1]
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_reward_model_of_fewer_layers_than_the_policy_scores_and_its_value_model_trains(ppo_inputs, tmp_path,
+                                                                                          lora):
+    """spec.reward.numLayers: R_phi keeps pi_SFT's first layers; PPO's reward and value models are that shape."""
+    sft, _, spec = ppo_inputs
+    tokenizer = hf_models.load_tokenizer(sft, spec)
+    hf_models.save_plain(hf_models.load_sequence_classifier(sft, spec, tokenizer, num_layers=1), tokenizer,
+                         tmp_path / "rm1")
+    s = settings(lora={"enabled": lora, "r": 4, "alpha": 8})
+    torch.manual_seed(s.seed)
+    world = distributed.init()
+    trainer = PPOTrainer(s, load_models(sft, tmp_path / "rm1", spec, s, world.device), PROMPTS, world)
+    models = trainer.models
+    before = snapshot(models.value)
+    def layers(module):
+        return {n.split(".layers.")[1].split(".")[0] for n, _ in module.named_parameters() if ".layers." in n}
+
+    with models.reward_model() as reward_model:
+        assert layers(reward_model) == {"0"} and reward_model.config.num_hidden_layers == 1
+    assert layers(models.value) == {"0"} and layers(models.policy) == {"0", "1"}
+    history = trainer.train()
+    assert changed(before, models.value) and all(math.isfinite(v) for e in history for v in e.values())
+    assert history[-1]["objective/rm_score"] != 0.0  # the trained head is zero: the score comes from R_phi
+
+
 def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     sft, rm, spec = ppo_inputs
     trainer = make_trainer(ppo_inputs, lora={"enabled": True, "r": 4, "alpha": 8})

@@ -457,7 +457,10 @@ class PreferencesSpec(StageCommon):
     min_score_margin: float = Field(
         0.1, ge=0.0, description="minScoreMargin, optional: drop pairs whose judge scores differ by less."
     )
-    batch_size: int = Field(32, ge=1, description="batchSize, optional: prompts per generation batch.")
+    batch_size: int = Field(
+        32, ge=1, description="batchSize, optional: answers per generation batch (each prompt counts "
+        "numSamplesPerPrompt times).",
+    )
     generation: GenerationSpec = Field(
         default_factory=GenerationSpec, description="generation, optional: sampling settings."
     )
@@ -480,6 +483,13 @@ class PreferencesSpec(StageCommon):
 class RewardSpec(StageCommon, TrainingArgs):
     init_from: Literal["sft", "base"] = Field(
         "sft", description="initFrom, optional: backbone of the reward model: pi_SFT or the base model."
+    )
+    num_layers: int | None = Field(
+        None, ge=1,
+        description="numLayers, optional: build the reward model from the backbone's embeddings and first N "
+        "transformer layers only: a smaller reward model, cheaper to train and, as PPO's frozen reward model and "
+        "the value model it initialises, cheaper in every PPO step (InstructGPT paired its 175B policy with a 6B "
+        "reward model). Unset: every layer.",
     )
     dataset: DatasetRef | None = Field(
         None,

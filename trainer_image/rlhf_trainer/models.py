@@ -172,22 +172,29 @@ def load_causal_lm(path: Path, model: ModelSpec, tokenizer: Any, *, trained_in_b
 
 
 def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, trained_in_bf16: bool = False,
-                             zero_new_head: bool = False) -> Any:
+                             zero_new_head: bool = False, num_layers: int | None = None) -> Any:
     """A scalar-output sequence classifier (``num_labels=1``): a reward or value model (see load_causal_lm).
 
     ``zero_new_head``: when the checkpoint has no score head (a causal LM becoming a reward model), the new head
     starts at zero instead of random: every response scores 0 before training, so the model has no random
     preference between responses to unlearn first. (On the demo's pairs the random seed-42 head gave a held-out
     pair accuracy of 0.76, the zero head 0.84; unseeded random heads anywhere from 0.76 to 0.86.)
+
+    ``num_layers``: keep the checkpoint's embeddings, its first ``num_layers`` transformer layers and its final
+    norm (the later layers are not loaded); the saved model's config says how many it has, so whatever loads it
+    later gets the same shape.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    kwargs = _model_kwargs(model, trained_in_bf16)
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a causal-LM checkpoint has no score head yet: that warning is expected
+    hf_logging.set_verbosity_error()  # no score head yet, or layers left out: those warnings are expected
     try:
         net, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, output_loading_info=True, **_model_kwargs(model, trained_in_bf16))
+            path, num_labels=1, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     head = getattr(net, "score", None)

@@ -2,17 +2,18 @@
 RewardTrainer (Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected)), in batches that score each distinct
 response once (:mod:`rlhf_trainer.preference_batches`).
 
-The backbone is pi_SFT (or the base model, ``initFrom: base``). ``evalFraction`` of the pairs is held out
-and the stage reports the held-out pair accuracy: the fraction of pairs whose chosen response outscores the
-rejected one. Output: R_phi as a plain checkpoint with its tokenizer, ``trainer_log.jsonl``, metrics.
+The backbone is pi_SFT (or the base model, ``initFrom: base``), all of it or its first ``numLayers`` layers.
+``evalFraction`` of the pairs is held out and the stage reports the held-out pair accuracy: the fraction of
+pairs whose chosen response outscores the rejected one. Output: R_phi as a plain checkpoint with its tokenizer, ``trainer_log.jsonl``, metrics.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
-from rlhf_operator.spec import DatasetRef, RewardSpec
+from rlhf_operator.spec import DatasetRef, ModelSpec, RewardSpec
 from rlhf_trainer import hf_training, models, reward_scoring
 from rlhf_trainer.data import load_dataset_rows, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
@@ -53,6 +54,19 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list,
     return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
 
 
+def backbone_layers(backbone: Path, num_layers: int | None, model: ModelSpec) -> int | None:
+    """``spec.reward.numLayers``, checked against the backbone: the reward model cannot keep layers it lacks."""
+    if num_layers is None:
+        return None
+    from transformers import AutoConfig
+
+    available = AutoConfig.from_pretrained(backbone, trust_remote_code=model.trust_remote_code).num_hidden_layers
+    if num_layers > available:
+        raise ConfigError(f"spec.reward.numLayers is {num_layers} but the backbone has {available} transformer "
+                          f"layers: set it to at most {available}, or unset it to keep them all")
+    return num_layers
+
+
 def run(ws: Workspace) -> dict[str, Any]:
     from datasets import Dataset
     from trl import RewardConfig
@@ -75,8 +89,9 @@ def run(ws: Workspace) -> dict[str, Any]:
             "provide more pairs or lower evalFraction")
     bf16 = models.bf16_enabled(settings.bf16, "spec.reward.bf16")
     hf_training.seed_before_loading(settings.seed)  # new weights (a pad token's embedding row): the same every run
+    layers = backbone_layers(backbone, settings.num_layers, ws.config.model)
     model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, zero_new_head=True,
-                                            trained_in_bf16=bf16)
+                                            trained_in_bf16=bf16, num_layers=layers)
 
     def dataset(rows: list[dict[str, Any]]) -> Dataset:
         return Dataset.from_list([
