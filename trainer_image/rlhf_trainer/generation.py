@@ -147,7 +147,7 @@ def sample_responses(
         return _sample(model, queries, query_mask, gen, stop_token_id, pad_token_id, generators, interrupted)
 
 
-def distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The batch's distinct prompts: ``(firsts, copies)`` with ``queries[firsts][copies]`` equal to ``queries``.
 
     Several answers per prompt (the preferences and evaluate stages) repeat a prompt in a batch; its prompt pass

@@ -4,7 +4,8 @@ response once (:mod:`rlhf_trainer.preference_batches`).
 
 The backbone is pi_SFT (or the base model, ``initFrom: base``), all of it or its first ``numLayers`` layers.
 ``evalFraction`` of the pairs is held out and the stage reports the held-out pair accuracy: the fraction of
-pairs whose chosen response outscores the rejected one. Output: R_phi as a plain checkpoint with its tokenizer, ``trainer_log.jsonl``, metrics.
+pairs whose chosen response outscores the rejected one. Output: R_phi as a plain checkpoint with its tokenizer,
+``trainer_log.jsonl``, metrics.
 """
 
 from __future__ import annotations
