@@ -104,16 +104,25 @@ def test_a_reward_model_of_fewer_layers_than_the_policy_scores_and_its_value_mod
     world = distributed.init()
     trainer = PPOTrainer(s, load_models(sft, tmp_path / "rm1", spec, s, world.device), PROMPTS, world)
     models = trainer.models
-    before = snapshot(models.value)
+
     def layers(module):
         return {n.split(".layers.")[1].split(".")[0] for n, _ in module.named_parameters() if ".layers." in n}
 
     with models.reward_model() as reward_model:
         assert layers(reward_model) == {"0"} and reward_model.config.num_hidden_layers == 1
     assert layers(models.value) == {"0"} and layers(models.policy) == {"0", "1"}
+    before = snapshot(models.value)
     history = trainer.train()
     assert changed(before, models.value) and all(math.isfinite(v) for e in history for v in e.values())
-    assert history[-1]["objective/rm_score"] != 0.0  # the trained head is zero: the score comes from R_phi
+    # the frozen reward model is still R_phi (under LoRA: the trained value model with its adapter off)
+    from rlhf_trainer.reward_scoring import reward_scores
+
+    plain = hf_models.load_sequence_classifier(tmp_path / "rm1", spec, tokenizer).to(trainer.device).eval()
+    texts = ["A lovely, moving film.", "Dull."]
+    with models.reward_model() as reward_model, torch.no_grad():
+        got = reward_scores(reward_model, models.reward_tokenizer, PROMPTS[:2], texts, chat=True)
+        expected = reward_scores(plain, models.reward_tokenizer, PROMPTS[:2], texts, chat=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
