@@ -14,7 +14,10 @@ forward passes for K completions"):
   its margin and centring terms, its metrics) the rewards of both sides of every pair.
 
 The loss of a batch is the same as TRL's on the same pairs; batches of 8 of the demo's pairs carry about 9
-sequences instead of 16. What differs from TRL's run is which pairs share a batch: two or three prompts' pairs
+sequences instead of 16. And the answers to one prompt share their first tokens (the prompt, in the chat template,
+and often the answer's first words): the batch runs each group's shared prefix through the model once, keeps its
+keys and values, and runs every sequence's own remainder on top of them (:func:`shared_prefix_scores`), so a
+prompt is read once per batch instead of once per answer (in the demo: 40 % fewer tokens through the model). What differs from TRL's run is which pairs share a batch: two or three prompts' pairs
 instead of eight shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on
 that reward model gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
 """
@@ -30,7 +33,10 @@ import torch
 from trl import RewardTrainer
 
 from rlhf_trainer import seeding
-from rlhf_trainer.padding import right_pad
+from rlhf_trainer.padding import left_pad, position_ids, right_pad
+from rlhf_trainer.ppo.forward import transformers_model
+
+PREFIX_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_rows")
 
 
 class PromptGroupedSampler(torch.utils.data.Sampler[int]):
@@ -67,7 +73,8 @@ class DistinctResponseCollator:
 
     Returns ``input_ids`` and ``attention_mask`` (U, S), right-padded, U <= 2B distinct sequences; ``pair_rows``
     (2B,): the row of each chosen side, then of each rejected side (TRL's order of the two halves); ``margin``
-    (B,) when the pairs have one.
+    (B,) when the pairs have one; and the same sequences split into shared prefixes and their remainders
+    (:func:`shared_prefixes`).
     """
 
     pad_token_id: int
@@ -76,11 +83,87 @@ class DistinctResponseCollator:
         sides = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         row_of: dict[tuple[int, ...], int] = {}
         pair_rows = [row_of.setdefault(tuple(ids), len(row_of)) for ids in sides]
-        input_ids, attention_mask = right_pad(list(row_of), self.pad_token_id)
+        sequences = list(row_of)
+        input_ids, attention_mask = right_pad(sequences, self.pad_token_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "pair_rows": torch.tensor(pair_rows)}
         if "margin" in examples[0]:
             batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
-        return batch
+        pairs = list(zip(pair_rows[:len(examples)], pair_rows[len(examples):]))
+        return batch | shared_prefixes(sequences, pairs, self.pad_token_id)
+
+
+def shared_prefixes(sequences: Sequence[Sequence[int]], pairs: Sequence[tuple[int, int]],
+                    pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The sequences as prefixes shared within groups, and what follows each one's prefix.
+
+    The two sides of a pair answer the same prompt, so the pairs link the sequences into one group per prompt.
+    A group's prefix is the longest one all its sequences start with (the prompt, and any first words its answers
+    share), short of the whole of any of them: every sequence keeps at least one token of its own, where the
+    reward model reads its score.
+
+    Returns:
+        ``prefix_ids``, ``prefix_mask`` (G, L): one prefix per group, left-padded (they all end at column L);
+        ``suffix_ids``, ``suffix_mask`` (U, S): the rest of each sequence, right-padded; ``prefix_rows`` (U,): the
+        group of each sequence. Empty when a sequence is a single token (nothing to share).
+    """
+    if min(len(s) for s in sequences) < 2:
+        return {}
+    group = list(range(len(sequences)))  # union-find: each sequence's parent, a root its group's first row
+
+    def root(row: int) -> int:
+        while group[row] != row:
+            group[row] = row = group[group[row]]
+        return row
+
+    for a, b in pairs:
+        first, second = sorted((root(a), root(b)))
+        group[second] = first
+    roots = [root(row) for row in range(len(sequences))]
+    shared: dict[int, int] = {}
+    for row, first in enumerate(roots):
+        common = next((i for i, (x, y) in enumerate(zip(sequences[first], sequences[row])) if x != y),
+                      min(len(sequences[first]), len(sequences[row])))
+        shared[first] = min(shared.get(first, common), common, len(sequences[row]) - 1)
+    index = {first: g for g, first in enumerate(shared)}
+    prefix_ids, prefix_mask = left_pad([sequences[first][:length] for first, length in shared.items()], pad_token_id)
+    suffix_ids, suffix_mask = right_pad([s[shared[first]:] for s, first in zip(sequences, roots)], pad_token_id)
+    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
+            "suffix_mask": suffix_mask, "prefix_rows": torch.tensor([index[first] for first in roots])}
+
+
+def shared_prefix_scores(classifier: Any, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                         suffix_ids: torch.Tensor, suffix_mask: torch.Tensor,
+                         prefix_rows: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's score of each sequence :func:`shared_prefixes` split, reading each prefix once.
+
+    The prefixes run through the backbone first and leave their keys and values in a cache; the cache is copied
+    to one row per sequence (its group's) and the remainders run on top of it, as decoding continues a prompt.
+    Causal attention makes every position the same function of the tokens before it as in one pass over the
+    whole sequence, and autograd carries each remainder's gradient back through the shared prefix. (Under
+    dropout, LoRA's, the sequences of a group share their prefix's dropout mask.)
+
+    Returns:
+        (U, 1) scores, as the classifier's own forward pass gives them for the whole sequences.
+    """
+    inner = transformers_model(classifier)
+    backbone = getattr(inner, inner.base_model_prefix)
+    cache = backbone(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                     use_cache=True).past_key_values
+    cache.reorder_cache(prefix_rows)
+    attention = torch.cat([prefix_mask[prefix_rows], suffix_mask], dim=1)
+    hidden = backbone(input_ids=suffix_ids, attention_mask=attention,
+                      position_ids=position_ids(attention)[:, prefix_ids.shape[1]:], past_key_values=cache,
+                      use_cache=True).last_hidden_state
+    last = suffix_mask.sum(dim=1) - 1
+    return inner.score(hidden[torch.arange(len(last), device=hidden.device), last])
+
+
+def reads_prefixes_once(model: Any) -> bool:
+    """Whether :func:`shared_prefix_scores` can run ``model``: not under DistributedDataParallel, whose gradient
+    synchronisation expects its own forward call, nor with activation checkpointing, which turns the cache off."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
+    return not getattr(transformers_model(model), "is_activation_checkpointing", False)
 
 
 class DistinctResponseRewardTrainer(RewardTrainer):
@@ -100,10 +183,16 @@ class DistinctResponseRewardTrainer(RewardTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
         pair_rows = inputs.pop("pair_rows")
+        split = {key: inputs.pop(key) for key in PREFIX_KEYS if key in inputs}
 
         def both_sides_of_every_pair(**model_inputs: Any) -> Any:
-            outputs = model(**model_inputs)
+            if split and reads_prefixes_once(model):
+                outputs = SequenceClassifierOutput(logits=shared_prefix_scores(model, **split))
+            else:
+                outputs = model(**model_inputs)
             outputs.logits = outputs.logits[pair_rows]  # (U, 1) -> (2B, 1); gradients add up per sequence
             return outputs
 
