@@ -247,19 +247,19 @@ def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, 
     assert len({len(a.prompt_ids) for a in answers}) == 3  # left-padded prompts of three lengths
 
 
-def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_path):
+def test_cpu_sft_loss_over_the_scored_positions_equals_trls_fused_loss_and_so_do_gradients(tiny_model_dir, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
 
-    from rlhf_trainer.stages.sft import full_logits_trainer
+    from rlhf_trainer.stages.sft import completion_logits_trainer
 
     tok = load_tokenizer(tiny_model_dir, ModelSpec(uri=tiny_model_dir.as_uri()))
     tok.padding_side = "right"
     rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
             for p, c in [("Review a heist film", "Slick and fun."), ("Review a ghost story", "Dull, slow and long.")]]
-    losses, accuracies = {}, {}
-    for name, cls in (("trl", SFTTrainer), ("full_logits", full_logits_trainer(SFTTrainer))):
+    losses, accuracies, grads = {}, {}, {}
+    for name, cls in (("trl", SFTTrainer), ("scored_positions", completion_logits_trainer(SFTTrainer))):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model.resize_token_embeddings(len(tok))
         trainer = cls(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
@@ -268,11 +268,15 @@ def test_cpu_sft_loss_on_full_logits_equals_trls_fused_loss(tiny_model_dir, tmp_
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt and padding are masked
         trainer.model.train()
-        with torch.no_grad():
-            losses[name] = trainer.compute_loss(trainer.model, batch)
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=(batch["labels"] != -100).sum())
+        loss.backward()
+        losses[name] = loss.detach()
+        grads[name] = {n: p.grad for n, p in trainer.model.named_parameters()}
         accuracies[name] = trainer._metrics["train"]["mean_token_accuracy"][-1]
-    torch.testing.assert_close(losses["full_logits"], losses["trl"], atol=1e-5, rtol=1e-5)
-    assert accuracies["full_logits"] == pytest.approx(accuracies["trl"])
+    torch.testing.assert_close(losses["scored_positions"], losses["trl"], atol=1e-5, rtol=1e-5)
+    assert accuracies["scored_positions"] == pytest.approx(accuracies["trl"])
+    for name, grad in grads["trl"].items():
+        torch.testing.assert_close(grads["scored_positions"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

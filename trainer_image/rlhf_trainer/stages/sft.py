@@ -39,7 +39,7 @@ def run(ws: Workspace) -> dict[str, Any]:
 
     log = ws.output_dir / "trainer_log.jsonl"
     stopper = hf_training.StopOnSigterm()
-    trainer_class = SFTTrainer if torch.cuda.is_available() else full_logits_trainer(SFTTrainer)
+    trainer_class = SFTTrainer if torch.cuda.is_available() else completion_logits_trainer(SFTTrainer)
     trainer = trainer_class(
         model=model,
         args=SFTConfig(
@@ -65,32 +65,57 @@ def run(ws: Workspace) -> dict[str, Any]:
     }
 
 
-def full_logits_trainer(sft_trainer: type) -> type:
-    """SFTTrainer with the model's own loss over full logits, for CPUs.
+def completion_logits_trainer(sft_trainer: type) -> type:
+    """SFTTrainer with the LM head over the scored tokens only, for CPUs.
 
     TRL's SFTTrainer computes the loss with a fused, chunked LM head that never builds the (batch, length,
     vocabulary) logits. Without Triton (on CPU) that head projects every position, padding and prompt included,
     in float32 even under bf16 autocast: 4.1 s against 2.9 s for the forward and backward pass of 8 demo
-    sequences here. At SFT's sizes the full logits are small (8 x 80 x 49152 in bf16: 63 MB), so on CPU the
-    model's own loss is used (cross-entropy in float32 over the completion tokens, as TRL's), and the
-    token accuracy is computed from the same logits.
+    sequences here. On CPU the transformer body runs as usual and the head projects only the positions whose
+    next token is scored (the completion, with ``completionOnlyLoss``; no padding): about half of a demo
+    sequence, and the LM head is a fifth of SmolLM2-135M's work per position. The loss is the model's own
+    (cross-entropy in float32, summed and divided by the batch's scored tokens as transformers does), the token
+    accuracy comes from the same logits. Under DistributedDataParallel, whose gradient synchronisation expects
+    its own forward call, the model's forward pass computes all the logits instead.
     """
     from transformers import Trainer
+    from transformers.loss.loss_utils import fixed_cross_entropy
+    from transformers.modeling_outputs import CausalLMOutput
 
-    class FullLogitsSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
+    from rlhf_trainer.ppo.forward import causal_lm_parts
+
+    class CompletionLogitsSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             import torch
 
-            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            with torch.no_grad():
-                labels = inputs["labels"][:, 1:]
+            targets: list[torch.Tensor] = []
+
+            def scored_positions_only(labels: torch.Tensor, num_items_in_batch: Any = None,
+                                      **model_inputs: Any) -> CausalLMOutput:
+                body, head = causal_lm_parts(model)
+                labels = labels[:, 1:]
                 scored = labels != -100
-                hits = (outputs.logits[:, :-1].argmax(-1) == labels) & scored
-                accuracy = hits.sum() / scored.sum().clamp(min=1)
+                inputs_of_body = {k: model_inputs[k] for k in ("input_ids", "attention_mask", "position_ids")
+                                  if k in model_inputs}
+                hidden = body(**inputs_of_body, use_cache=False).last_hidden_state[:, :-1][scored]
+                logits = head(hidden).float()
+                targets.append(labels[scored])
+                return CausalLMOutput(loss=fixed_cross_entropy(logits, labels[scored], num_items_in_batch),
+                                      logits=logits)
+
+            whole = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            loss, outputs = Trainer.compute_loss(self, model if whole else scored_positions_only, inputs,
+                                                 return_outputs=True, num_items_in_batch=num_items_in_batch)
+            with torch.no_grad():
+                if whole:
+                    labels = inputs["labels"][:, 1:]
+                    predicted, expected = outputs.logits[:, :-1].argmax(-1)[labels != -100], labels[labels != -100]
+                else:
+                    predicted, expected = outputs.logits.argmax(-1), targets[0]
+                accuracy = (predicted == expected).sum() / max(expected.numel(), 1)
             mode = "train" if model.training else "eval"
             self._metrics[mode]["mean_token_accuracy"].append(float(accuracy))
             return (loss, outputs) if return_outputs else loss
 
-    return FullLogitsSFTTrainer
+    return CompletionLogitsSFTTrainer
