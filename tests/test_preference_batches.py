@@ -134,8 +134,9 @@ def test_loss_and_gradients_equal_trls_reward_trainer_with_fewer_sequences(tiny_
     for trainer_class in (RewardTrainer, DistinctResponseRewardTrainer):
         trainer = trainer_class(
             model=copy.deepcopy(model), processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
-            args=RewardConfig(output_dir=str(tmp_path / trainer_class.__name__), report_to=[], use_cpu=True, activation_checkpointing=False,
-                              center_rewards_coefficient=center, per_device_train_batch_size=len(rows)))
+            args=RewardConfig(output_dir=str(tmp_path / trainer_class.__name__), report_to=[], use_cpu=True,
+                              activation_checkpointing=False, center_rewards_coefficient=center,
+                              per_device_train_batch_size=len(rows)))
         examples = [trainer.train_dataset[i] for i in range(len(rows))]
         collate = (DataCollatorForPreference(tokenizer.pad_token_id) if trainer_class is RewardTrainer
                    else trainer.data_collator)
