@@ -338,6 +338,27 @@ def test_reward_scores_read_each_text_at_its_last_token_when_batched(ppo_inputs)
     assert listed == pytest.approx(batched.tolist(), abs=1e-5)
 
 
+def test_reward_scores_of_several_answers_to_a_prompt_read_it_once_and_equal_each_answer_scored_alone(ppo_inputs):
+    """The evaluate stage scores four answers per prompt: a prompt's answers share a batch, which reads the prompt
+    (and the first words they share) once; every score equals that of the answer alone."""
+    from rlhf_trainer.reward_scoring import prompt_group_batches, reward_scores, score
+
+    trainer = make_trainer(ppo_inputs)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    responses = ["A lovely, moving film.", "Dull.", "A lovely mess.", "An awful mess from start to finish.",
+                 "Dull and slow, far too long.", "Fine."]
+    assert prompt_group_batches(prompts, [[0]] * 6, batch_size=4, by_length=False) == [[[0, 2, 3]], [[1, 4], [5]]]
+    with trainer.models.reward_model() as reward_model, torch.no_grad():
+        alone = torch.cat([reward_scores(reward_model, trainer.models.reward_tokenizer, [p], [r], chat=True,
+                                         batch_size=1) for p, r in zip(prompts, responses)])
+        grouped = reward_scores(reward_model, trainer.models.reward_tokenizer, prompts, responses, chat=True,
+                                batch_size=4)
+        listed = score(reward_model, trainer.models.reward_tokenizer, prompts, responses, chat=True, batch_size=3)
+    assert len(set(alone.tolist())) == 6
+    torch.testing.assert_close(grouped, alone, atol=1e-5, rtol=1e-5)
+    assert listed == pytest.approx(alone.tolist(), abs=1e-5)
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_with_lora_in_one_process_matches_plain_pytorch_in_float32_and_under_bf16(ppo_inputs,
                                                                                                   monkeypatch):

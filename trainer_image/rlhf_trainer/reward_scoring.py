@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from rlhf_trainer.padding import index_batches, right_pad
+from rlhf_trainer.padding import right_pad
+from rlhf_trainer.shared_prefix import shared_prefix_scores, shared_prefixes
 
 
 def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> list[int]:
@@ -30,7 +31,9 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     Runs in the caller's autograd mode: :func:`score` (the reward and evaluate stages) under inference mode,
     PPO under ``no_grad`` (ZeRO-3's parameter gathering and peft's adapter switching cannot run under inference
     mode). ``by_length``: batch the texts in order of length (for hundreds of texts of varied lengths: sorted, a
-    batch carries little padding); the scores come back in input order either way.
+    batch carries little padding); the scores come back in input order either way. Where a prompt has several
+    answers (the evaluate stage's, a held-out set's), they share a batch and the model reads the prompt once
+    (:mod:`rlhf_trainer.shared_prefix`).
 
     Returns:
         (B,) float32 scores on the model's device.
@@ -38,11 +41,40 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     device = next(model.parameters()).device
     sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
     scores = torch.empty(len(sequences), device=device)
-    for rows in index_batches(len(sequences), batch_size, key=(lambda i: len(sequences[i])) if by_length else None):
-        ids, mask = right_pad([sequences[i] for i in rows], tokenizer.pad_token_id)  # read at the last real token
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    for groups in prompt_group_batches(prompts, sequences, batch_size, by_length):
+        rows = [row for group in groups for row in group]
+        position = {row: i for i, row in enumerate(rows)}
+        split = shared_prefixes([sequences[row] for row in rows], pad_token_id=tokenizer.pad_token_id,
+                                pairs=[(position[group[0]], position[row]) for group in groups for row in group[1:]]
+                                ) if len(groups) < len(rows) else {}
+        if split:
+            logits = shared_prefix_scores(model, **{k: v.to(device) for k, v in split.items()})
+        else:  # no prompt repeats here (PPO's rollouts): whole sequences, one pass
+            ids, mask = right_pad([sequences[row] for row in rows], tokenizer.pad_token_id)  # read at the last token
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         scores[rows] = logits[:, 0].float()
     return scores
+
+
+def prompt_group_batches(prompts: Sequence[str], sequences: Sequence[Sequence[int]], batch_size: int,
+                         by_length: bool) -> list[list[list[int]]]:
+    """Row indices in batches of at most ``batch_size``, each batch a list of groups: rows of one prompt.
+
+    A prompt's rows stay together (in chunks of ``batch_size`` when there are more); ``by_length`` orders the
+    groups by their longest sequence, otherwise they keep the order of their first row.
+    """
+    rows_of: dict[str, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows_of.setdefault(prompt, []).append(row)
+    groups = [rows[start:start + batch_size] for rows in rows_of.values() for start in range(0, len(rows), batch_size)]
+    if by_length:
+        groups.sort(key=lambda group: max(len(sequences[row]) for row in group))
+    batches: list[list[list[int]]] = []
+    for group in groups:
+        if not batches or sum(map(len, batches[-1])) + len(group) > batch_size:
+            batches.append([])
+        batches[-1].append(group)
+    return batches
 
 
 @torch.inference_mode()
