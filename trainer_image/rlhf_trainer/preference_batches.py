@@ -16,11 +16,12 @@ forward passes for K completions"):
 The loss of a batch is the same as TRL's on the same pairs; batches of 8 of the demo's pairs carry about 9 sequences
 instead of 16. And the answers to one prompt share their first tokens (the prompt, in the chat template, and often
 the answer's first words): the batch runs each group's shared prefix through the model once, keeps its keys and
-values, and runs every sequence's own remainder on top of them (:func:`rlhf_trainer.shared_prefix.shared_prefix_scores`), so a prompt is read
-once per batch instead of once per answer (in the demo: 36% fewer tokens through the model, a batch's forward and
-backward pass 2.5 s instead of 3.7 on an AVX2 CPU). What differs from TRL's run is which pairs share a batch: two or
-three prompts' pairs instead of eight shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against
-0.787, and PPO on that reward model gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
+values, and runs every sequence's own remainder on top of them
+(:func:`rlhf_trainer.shared_prefix.shared_prefix_scores`), so a prompt is read once per batch instead of once per
+answer (in the demo: 36% fewer tokens through the model, a batch's forward and backward pass 2.5 s instead of 3.7 on
+an AVX2 CPU). What differs from TRL's run is which pairs share a batch: two or three prompts' pairs instead of eight
+shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on that reward model
+gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ from trl import RewardTrainer
 from rlhf_trainer import seeding
 from rlhf_trainer.padding import right_pad
 from rlhf_trainer.ppo.forward import transformers_model
-from rlhf_trainer.shared_prefix import shared_prefix_scores, shared_prefixes
-
-PREFIX_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_rows")
+from rlhf_trainer.shared_prefix import PREFIX_KEYS, shared_prefix_scores, shared_prefixes
 
 
 class PromptGroupedSampler(torch.utils.data.Sampler[int]):
@@ -95,8 +94,9 @@ class DistinctResponseCollator:
 
 
 def reads_prefixes_once(model: Any) -> bool:
-    """Whether :func:`rlhf_trainer.shared_prefix.shared_prefix_scores` can run ``model``: not under DistributedDataParallel, whose gradient
-    synchronisation expects its own forward call, nor with activation checkpointing, which turns the cache off."""
+    """Whether :func:`rlhf_trainer.shared_prefix.shared_prefix_scores` can run ``model``: not under
+    DistributedDataParallel, whose gradient synchronisation expects its own forward call, nor with activation
+    checkpointing, which turns the cache off."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return False
     return not getattr(transformers_model(model), "is_activation_checkpointing", False)

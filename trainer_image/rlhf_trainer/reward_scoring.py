@@ -43,10 +43,12 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     scores = torch.empty(len(sequences), device=device)
     for groups in prompt_group_batches(prompts, sequences, batch_size, by_length):
         rows = [row for group in groups for row in group]
-        position = {row: i for i, row in enumerate(rows)}
-        split = shared_prefixes([sequences[row] for row in rows], pad_token_id=tokenizer.pad_token_id,
-                                pairs=[(position[group[0]], position[row]) for group in groups for row in group[1:]]
-                                ) if len(groups) < len(rows) else {}
+        split: dict[str, torch.Tensor] = {}
+        if len(groups) < len(rows):  # a prompt with several answers here: read it once
+            position = {row: i for i, row in enumerate(rows)}
+            split = shared_prefixes([sequences[row] for row in rows],
+                                    [(position[group[0]], position[row]) for group in groups for row in group[1:]],
+                                    tokenizer.pad_token_id)
         if split:
             logits = shared_prefix_scores(model, **{k: v.to(device) for k, v in split.items()})
         else:  # no prompt repeats here (PPO's rollouts): whole sequences, one pass

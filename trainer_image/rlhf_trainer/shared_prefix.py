@@ -17,6 +17,8 @@ import torch
 from rlhf_trainer.padding import left_pad, position_ids, right_pad
 from rlhf_trainer.ppo.forward import transformers_model
 
+PREFIX_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_rows")  # what shared_prefixes returns
+
 
 def shared_prefixes(sequences: Sequence[Sequence[int]], pairs: Sequence[tuple[int, int]],
                     pad_token_id: int) -> dict[str, torch.Tensor]:
