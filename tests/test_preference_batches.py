@@ -112,8 +112,9 @@ def test_scores_read_through_shared_prefixes_equal_the_classifiers_own_and_so_do
     assert not reads_prefixes_once(model)
 
 
-@pytest.mark.parametrize("center", [None, 0.01], ids=["plain", "centred"])
-def test_loss_and_gradients_equal_trls_reward_trainer_with_fewer_sequences(tiny_model_dir, tmp_path, center):
+@pytest.mark.parametrize(("center", "bf16"), [(None, False), (0.01, False), (None, True)],
+                         ids=["plain", "centred", "bf16-autocast"])
+def test_loss_and_gradients_equal_trls_reward_trainer_with_fewer_sequences(tiny_model_dir, tmp_path, center, bf16):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
     from trl.trainer.reward_trainer import DataCollatorForPreference
@@ -130,24 +131,31 @@ def test_loss_and_gradients_equal_trls_reward_trainer_with_fewer_sequences(tiny_
     rows = [{"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": x}],
              "rejected": [{"role": "assistant", "content": y}], "margin": 0.3 * i}
             for i, (prompt, texts) in enumerate(answers.items()) for x, y in itertools.combinations(texts, 2)]
-    losses, grads, sequences = [], [], []
+    losses, grads, sequences, body_dtypes = [], [], [], []
     for trainer_class in (RewardTrainer, DistinctResponseRewardTrainer):
         trainer = trainer_class(
             model=copy.deepcopy(model), processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
             args=RewardConfig(output_dir=str(tmp_path / trainer_class.__name__), report_to=[], use_cpu=True,
                               activation_checkpointing=False, center_rewards_coefficient=center,
-                              per_device_train_batch_size=len(rows)))
+                              per_device_train_batch_size=len(rows), bf16=bf16))
         examples = [trainer.train_dataset[i] for i in range(len(rows))]
         collate = (DataCollatorForPreference(tokenizer.pad_token_id) if trainer_class is RewardTrainer
                    else trainer.data_collator)
         inputs = collate([{k: e[k] for k in ("chosen_ids", "rejected_ids", "margin")} for e in examples])
         sequences.append(inputs["input_ids"].shape[0])
+        trainer.accelerator.prepare_model(trainer.model)  # as train() does: under bf16, autocast around forward
+        hook = trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(  # (a hook's None keeps the output)
+            lambda module, args, output: body_dtypes.append(output.dtype) and None)
         loss = trainer.compute_loss(trainer.model, inputs)
+        hook.remove()
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
     assert sequences == [8, 5]  # 4 pairs: 8 sides, 5 distinct answers (scored on top of 2 shared prompts)
-    torch.testing.assert_close(losses[1], losses[0])
+    # TRL runs the model once; ours runs the 2 shared prompts, then the 5 answers on top: bfloat16 under bf16
+    assert body_dtypes == [torch.bfloat16 if bf16 else torch.float32] * 3
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {}
+    torch.testing.assert_close(losses[1], losses[0], **tolerance)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name, **tolerance)

@@ -247,7 +247,9 @@ def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, 
     assert len({len(a.prompt_ids) for a in answers}) == 3  # left-padded prompts of three lengths
 
 
-def test_cpu_sft_loss_over_the_scored_positions_equals_trls_fused_loss_and_so_do_gradients(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_cpu_sft_loss_over_the_scored_positions_equals_trls_fused_loss_and_so_do_gradients(tiny_model_dir, tmp_path,
+                                                                                           bf16):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
@@ -258,25 +260,34 @@ def test_cpu_sft_loss_over_the_scored_positions_equals_trls_fused_loss_and_so_do
     tok.padding_side = "right"
     rows = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
             for p, c in [("Review a heist film", "Slick and fun."), ("Review a ghost story", "Dull, slow and long.")]]
-    losses, accuracies, grads = {}, {}, {}
+    losses, accuracies, grads, body_dtypes = {}, {}, {}, {}
     for name, cls in (("trl", SFTTrainer), ("scored_positions", completion_logits_trainer(SFTTrainer))):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         model.resize_token_embeddings(len(tok))
         trainer = cls(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
                       args=SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, report_to=[],
-                                     use_cpu=True, activation_checkpointing=False))
+                                     use_cpu=True, activation_checkpointing=False, bf16=bf16))
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompt and padding are masked
         trainer.model.train()
+        trainer.accelerator.prepare_model(trainer.model)  # as train() does: under bf16, autocast around forward
+        hook = model.model.layers[0].mlp.down_proj.register_forward_hook(  # (a hook's None keeps the output)
+            lambda module, args, output: body_dtypes.setdefault(name, output.dtype) and None)
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=(batch["labels"] != -100).sum())
+        hook.remove()
         loss.backward()
         losses[name] = loss.detach()
         grads[name] = {n: p.grad for n, p in trainer.model.named_parameters()}
         accuracies[name] = trainer._metrics["train"]["mean_token_accuracy"][-1]
-    torch.testing.assert_close(losses["scored_positions"], losses["trl"], atol=1e-5, rtol=1e-5)
-    assert accuracies["scored_positions"] == pytest.approx(accuracies["trl"])
+    # under bf16 the body runs in bfloat16 on both paths (TRL's LM head computes in float32, ours in bfloat16)
+    assert body_dtypes == dict.fromkeys(("trl", "scored_positions"), torch.bfloat16 if bf16 else torch.float32)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(losses["scored_positions"], losses["trl"], **tolerance)
+    if not bf16:  # the argmax of nearly tied random logits moves with bfloat16 rounding
+        assert accuracies["scored_positions"] == pytest.approx(accuracies["trl"])
     for name, grad in grads["trl"].items():
-        torch.testing.assert_close(grads["scored_positions"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads["scored_positions"][name], grad, msg=name,
+                                   **(tolerance if bf16 else {"atol": 1e-5, "rtol": 1e-4}))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

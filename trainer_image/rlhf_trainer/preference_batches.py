@@ -126,7 +126,8 @@ class DistinctResponseRewardTrainer(RewardTrainer):
 
         def both_sides_of_every_pair(**model_inputs: Any) -> Any:
             if split and reads_prefixes_once(model):
-                outputs = SequenceClassifierOutput(logits=shared_prefix_scores(model, **split))
+                with self.accelerator.autocast():  # the Trainer's autocast wraps the model's forward only
+                    outputs = SequenceClassifierOutput(logits=shared_prefix_scores(model, **split).float())
             else:
                 outputs = model(**model_inputs)
             outputs.logits = outputs.logits[pair_rows]  # (U, 1) -> (2B, 1); gradients add up per sequence

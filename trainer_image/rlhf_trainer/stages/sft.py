@@ -100,8 +100,9 @@ def completion_logits_trainer(sft_trainer: type) -> type:
                 scored = labels != -100
                 inputs_of_body = {k: model_inputs[k] for k in ("input_ids", "attention_mask", "position_ids")
                                   if k in model_inputs}
-                hidden = body(**inputs_of_body, use_cache=False).last_hidden_state[:, :-1][scored]
-                logits = head(hidden).float()
+                with self.accelerator.autocast():  # the Trainer's autocast wraps the model's forward only
+                    hidden = body(**inputs_of_body, use_cache=False).last_hidden_state[:, :-1][scored]
+                    logits = head(hidden).float()
                 targets.append(labels[scored])
                 return CausalLMOutput(loss=fixed_cross_entropy(logits, labels[scored], num_items_in_batch),
                                       logits=logits)
