@@ -251,15 +251,35 @@ def test_seeded_runs_are_identical_on_cpu(ppo_inputs):
     assert run() == run()
 
 
-def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_inputs):
-    weights = []
-    for accumulation in (1, 2):
-        trainer = make_trainer(ppo_inputs, totalEpisodes=4, numPpoEpochs=1, miniBatchSize=4,
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_inputs, monkeypatch):
+    """One mini-batch per epoch: the value model's rollout pass is also its first update, one micro-batch at a
+    time. The same weights and losses come out with one micro-batch or two, and with the update running a
+    forward pass of its own."""
+    from rlhf_trainer.ppo import trainer as trainer_module
+
+    value_forwards: list[int] = []  # rollouts per forward pass of the value model
+    response_values = trainer_module.response_values
+    monkeypatch.setattr(trainer_module, "response_values", lambda model, rollout: (
+        value_forwards.append(len(rollout.lengths)) or response_values(model, rollout)))
+    value_pass = PPOTrainer.value_pass
+    runs = []
+    for accumulation, shared in ((1, True), (2, True), (2, False)):
+        value_forwards.clear()
+        monkeypatch.setattr(PPOTrainer, "value_pass", lambda self, rollout, rewards, first_update: value_pass(
+            self, rollout, rewards, first_update=first_update and shared))
+        trainer = make_trainer(ppo_inputs, totalEpisodes=8, numPpoEpochs=2, miniBatchSize=4,
                                gradientAccumulationSteps=accumulation)
-        trainer.train()
-        weights.append(snapshot(trainer.models.policy))
-    for name, value in weights[0].items():
-        torch.testing.assert_close(weights[1][name], value, atol=1e-6, rtol=1e-5)
+        history = trainer.train()
+        # 2 steps of 2 epochs over 4 rollouts; the rollout pass is the first epoch's or a pass of its own
+        assert value_forwards == [4 // accumulation] * accumulation * 2 * (2 if shared else 3)
+        runs.append((snapshot(trainer.models.policy), snapshot(trainer.models.value), history[-1]))
+    (policy, value, metrics) = runs[0]
+    for other_policy, other_value, other_metrics in runs[1:]:
+        for before, after in ((policy, other_policy), (value, other_value)):
+            for name, weight in before.items():
+                torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=1e-5, msg=name)
+        for name in ("loss/value", "val/clipfrac", "loss/policy", "val/grad_norm", "val/mean"):
+            assert other_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-7), name
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

@@ -3,10 +3,10 @@
 One step, as in Ziegler et al. 2019 and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
 
 1. rollout: sample a response to each of this step's prompts with the current policy;
-2. evaluate: truncate at the stop token, score with the reward model, one forward pass of the reference and of
-   the value model (the policy's log-probabilities come from the sampling pass);
+2. evaluate: truncate at the stop token, score with the reward model, one forward pass of the reference (the
+   policy's log-probabilities come from the sampling pass);
 3. rewards: a KL penalty on every token, the score on the last one;
-4. advantages: GAE, whitened over the batch;
+4. values and advantages: one forward pass of the value model, GAE, advantages whitened over the batch;
 5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
 6. adapt the KL coefficient, log the step's metrics and guardrail flags;
 7. checkpoint every ``saveSteps`` steps (and when stopped by SIGTERM).
@@ -190,8 +190,8 @@ class PPOTrainer:
         self.raise_if_stopped()
         generated = self.clock()
 
-        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs, values.
-        rollout, texts, values_graph = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
+        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs.
+        rollout, texts = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
         gold = self.judge.score(prompts, texts) if self.judge is not None else None
         scored = self.clock()
         self.raise_if_stopped()
@@ -203,13 +203,17 @@ class PPOTrainer:
         if s.whiten_rewards:
             rewards = masked_whiten(rewards, rollout.mask, shift_mean=False, reduce=world.all_sum)
 
-        # 4. Advantages: GAE over the response tokens, whitened with the whole batch's statistics.
-        advantages, returns = gae(rewards, rollout.values, rollout.mask, s.gamma, s.lam)
+        # 4. Values, then advantages: GAE over the response tokens, whitened with the whole batch's statistics.
+        #    With one mini-batch per epoch, the value pass is also the first epoch's value update.
+        values, first_value_update = self.value_pass(
+            rollout, rewards, first_update=self.sizes.local_mini_batch == self.sizes.local_batch)
+        advantages, returns = gae(rewards, values, rollout.mask, s.gamma, s.lam)
         advantages = masked_whiten(advantages, rollout.mask, reduce=world.all_sum)
-        experience = Experience(**_fields(rollout), rewards=rewards, advantages=advantages, returns=returns)
+        experience = Experience(**_fields(dataclasses.replace(rollout, values=values)), rewards=rewards,
+                                advantages=advantages, returns=returns)
 
         # 5. PPO epochs over shuffled mini-batches.
-        update_stats = self.update(experience, values_graph)
+        update_stats = self.update(experience, first_value_update)
         updated = self.clock()
 
         # 6. Adapt beta to this step's KL (nats per response), log, check the guardrails.
@@ -237,7 +241,7 @@ class PPOTrainer:
             "lr/value": self.value.lr,
             "time/generate": generated - started,
             "time/score": scored - generated,
-            "time/update": updated - scored,
+            "time/update": updated - scored,  # the value pass included
             "time/step": updated - started,
             "throughput/tokens_per_s": float(world.all_sum(rollout.lengths.sum().float())) / (updated - started),
         }
@@ -248,13 +252,9 @@ class PPOTrainer:
 
     def evaluate(self, episodes: Sequence[int], prompts: Sequence[str], queries: torch.Tensor,
                  query_mask: torch.Tensor, responses: torch.Tensor,
-                 logprobs: torch.Tensor) -> tuple[Rollout, list[str], torch.Tensor | None]:
-        """Step 2: score the responses; run the reference and the value model once over them (in micro-batches).
-
-        Detail: when the whole batch is one micro-batch, the value model's forward pass here is also the first
-        update's (same weights, same rows), so it keeps its autograd graph and is returned for
-        :meth:`update`; otherwise the third value is None.
-        """
+                 logprobs: torch.Tensor) -> tuple[Rollout, list[str]]:
+        """Step 2: score the responses; run the reference once over them (in micro-batches). The rollout's
+        values are zero until :meth:`value_pass`."""
         s = self.s
         responses, lengths, has_stop = truncate_at_stop(responses, self.stop_id, self.pad_id)
         mask = response_mask(lengths, responses.shape[1])
@@ -271,49 +271,71 @@ class PPOTrainer:
                               query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
                               has_stop=has_stop, logprobs=logprobs * mask, ref_logprobs=torch.zeros_like(logprobs),
                               values=torch.zeros_like(logprobs), rm_scores=rm_scores, scores=scores)
-            micro_batches = [(rows, rollout.select(rows)) for rows in
-                             torch.arange(len(episodes), device=self.device).split(self.sizes.micro_batch)]
             with self.models.reference_of(self.policy.model) as reference, autocast(self.device, self.bf16):
-                for rows, micro in micro_batches:
-                    ref_logprobs = response_logprobs(reference, micro, self.temperature)[0]
+                for rows in self.micro_batch_rows(len(episodes)):
+                    ref_logprobs = response_logprobs(reference, rollout.select(rows), self.temperature)[0]
                     rollout.ref_logprobs[rows, :ref_logprobs.shape[1]] = ref_logprobs
+        return rollout, texts
 
-        if len(micro_batches) == 1:
-            with autocast(self.device, self.bf16):
-                values_graph = response_values(self.value.model, rollout)
-            return dataclasses.replace(rollout, values=values_graph.detach()), texts, values_graph
-        with torch.no_grad(), autocast(self.device, self.bf16):
-            for rows, micro in micro_batches:
-                values = response_values(self.value.model, micro)
-                rollout.values[rows, :values.shape[1]] = values
-        return rollout, texts, None
+    def value_pass(self, rollout: Rollout, rewards: torch.Tensor,
+                   first_update: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Step 4's values V_old: one forward pass of the value model over the rollouts, in micro-batches.
 
-    def update(self, experience: Experience, values_graph: torch.Tensor | None = None) -> dict[str, float]:
+        Detail: when each PPO epoch is one mini-batch (the whole batch), the first epoch's value update would
+        run this same forward pass again (same weights, same rows). With ``first_update`` this pass is also
+        that update's: each micro-batch keeps its graph just long enough for its value loss (a rollout's GAE
+        returns need only its own rewards and values) and its backward pass, and :meth:`update` only steps the
+        value optimizer for it. Returns the values (no graph) and that first update's loss sums, or None when
+        the update is left to :meth:`update`.
+        """
+        s, fused = self.s, first_update
+        values = torch.zeros_like(rollout.logprobs)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        tokens = self.world.all_sum(rollout.mask.sum().float()).clamp(min=1)  # the update's token count
+        for rows in self.micro_batch_rows(len(rollout.lengths)):
+            micro = rollout.select(rows)
+            with torch.set_grad_enabled(fused), autocast(self.device, self.bf16):
+                micro_values = response_values(self.value.model, micro)
+            width = micro_values.shape[1]
+            values[rows, :width] = micro_values.detach()
+            if fused:
+                returns = gae(rewards[rows, :width], micro_values.detach(), micro.mask, s.gamma, s.lam)[1]
+                self.value_backward(micro_values, micro_values.detach(), returns, micro.mask, tokens, sums)
+        return values, (sums if fused else None)
+
+    def value_backward(self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, tokens: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """The clipped value loss of a micro-batch (a share of the mini-batch's token mean), backpropagated."""
+        vf_loss, vf_clipped = value_loss(values, old_values, returns, mask, self.s.cliprange_value)
+        self.value.backward(self.s.vf_coef * vf_loss.sum() / tokens)
+        sums["loss/value"] += vf_loss.detach().sum()
+        sums["val/clipfrac"] += vf_clipped.sum()
+
+    def update(self, experience: Experience, first_value_update: dict[str, torch.Tensor] | None = None
+               ) -> dict[str, float]:
         """Step 5: ``numPpoEpochs`` passes over the batch in shuffled mini-batches, one optimizer step each.
 
-        ``values_graph``: the value model's output from step 2 with its graph (one micro-batch per batch); it
-        stands in for the first pass's value forward.
+        ``first_value_update``: the loss sums of the first mini-batch's value update when :meth:`value_pass`
+        ran it (its gradients are in place): that mini-batch then only steps the value optimizer.
         """
         s, sizes = self.s, self.sizes
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        sums.update(first_value_update or {})
         grad_norms: dict[str, list[float]] = defaultdict(list)
         for epoch in range(s.num_ppo_epochs):
             order = torch.randperm(sizes.local_batch, generator=seeding.generator(s.seed, "order", self.step, epoch))
             for mini_rows in order.to(self.device).split(sizes.local_mini_batch):
                 mini = experience.select(mini_rows)
+                value_done = first_value_update is not None and epoch == 0
                 # Losses are token means over the whole mini-batch (every micro-batch of every process).
                 tokens = self.world.all_sum(mini.mask.sum().float()).clamp(min=1)
-                for micro_rows in torch.arange(len(mini_rows), device=self.device).split(sizes.micro_batch):
+                for micro_rows in self.micro_batch_rows(len(mini_rows)):
                     micro = mini.select(micro_rows)
                     # The value loss first: at most one model's autograd graph is alive at a time.
-                    if values_graph is not None:
-                        values, values_graph = values_graph[mini_rows][:, :micro.responses.shape[1]], None
-                    else:
+                    if not value_done:
                         with autocast(self.device, self.bf16):
                             values = response_values(self.value.model, micro)
-                    vf_loss, vf_clipped = value_loss(values, micro.values, micro.returns, micro.mask,
-                                                     s.cliprange_value)
-                    self.value.backward(s.vf_coef * vf_loss.sum() / tokens)
+                        self.value_backward(values, micro.values, micro.returns, micro.mask, tokens, sums)
 
                     with autocast(self.device, self.bf16):
                         logprobs, entropy = response_logprobs(self.policy.model, micro, self.temperature,
@@ -324,11 +346,9 @@ class PPOTrainer:
 
                     mask = micro.mask
                     sums["loss/policy"] += pg_loss.detach().sum()
-                    sums["loss/value"] += vf_loss.detach().sum()
                     sums["policy/clipfrac"] += pg_clipped.sum()
                     sums["policy/approxkl"] += (approx_kl * mask).sum()
                     sums["policy/entropy"] += (entropy * mask).sum()
-                    sums["val/clipfrac"] += vf_clipped.sum()
                     sums["tokens"] += mask.sum()
                 grad_norms["policy/grad_norm"].append(self.policy.step())
                 grad_norms["val/grad_norm"].append(self.value.step())
@@ -338,6 +358,10 @@ class PPOTrainer:
         stats = {n: float(t / tokens) for n, t in zip(names, totals) if n != "tokens"}
         stats.update({n: sum(v) / len(v) for n, v in grad_norms.items()})
         return stats
+
+    def micro_batch_rows(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Row indices ``0 .. rows-1`` in micro-batches (one forward/backward pass each)."""
+        return torch.arange(rows, device=self.device).split(self.sizes.micro_batch)
 
     # ------------------------------------------------------------------------------------------- data
 
