@@ -112,7 +112,7 @@ def child_result(proc: subprocess.CompletedProcess) -> dict | None:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far, in GB (Linux reports ``ru_maxrss`` in KiB)."""
+    """This process's peak resident memory so far, in GiB (2**30 bytes; Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -240,7 +240,7 @@ def main() -> int:
                  else f" ({r['matmul_gflop'] / gflops:.1f} s of it at the machine's rate)")
         gpu_memory = f"peak GPU memory {r['peak_gpu_gb']:.2f} GB, " if gpu else ""
         print(f"ppo_step {name}: {r['seconds_per_step']:.2f} s/step (generate {r['generate']:.2f}, "
-              f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GB "
+              f"score {r['score']:.2f}, update {r['update']:.2f}), peak RSS {r['peak_rss_gb']:.2f} GiB "
               f"({r['libraries_rss_gb']:.2f} of it the libraries', before any model), {gpu_memory}"
               f"{r['matmul_gflop']:.0f} GFLOP of matrix products per step{floor}, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
@@ -256,7 +256,7 @@ def main() -> int:
             ref = measure(name, args.steps, env)
             speedup, memory = ref["seconds_per_step"] / r["seconds_per_step"], r["peak_rss_gb"] / ref["peak_rss_gb"]
             print(f"ppo_step trl-{VERSION}-{name} (the reference, run next): {ref['seconds_per_step']:.2f} s/step, "
-                  f"peak RSS {ref['peak_rss_gb']:.2f} GB; this engine {speedup:.2f}x as fast, at {memory:.2f} of its "
+                  f"peak RSS {ref['peak_rss_gb']:.2f} GiB; this engine {speedup:.2f}x as fast, at {memory:.2f} of its "
                   f"peak RSS", flush=True)
     return 0
 

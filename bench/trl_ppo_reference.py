@@ -130,7 +130,7 @@ def main() -> int:
         print("RESULT " + json.dumps(run(args.config, args.steps)), flush=True)
         return 0
     r = measure(args.config, args.steps, bench_environment(glibc=False))
-    print(f"trl-{VERSION} {args.config}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GB "
+    print(f"trl-{VERSION} {args.config}: {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GiB "
           f"[{r['steps']} timed steps, {r['threads']} threads]")
     return 0
 
