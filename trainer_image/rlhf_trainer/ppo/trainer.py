@@ -288,20 +288,20 @@ class PPOTrainer:
         value optimizer for it. Returns the values (no graph) and that first update's loss sums, or None when
         the update is left to :meth:`update`.
         """
-        s, fused = self.s, first_update
+        s = self.s
         values = torch.zeros_like(rollout.logprobs)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         tokens = self.world.all_sum(rollout.mask.sum().float()).clamp(min=1)  # the update's token count
         for rows in self.micro_batch_rows(len(rollout.lengths)):
             micro = rollout.select(rows)
-            with torch.set_grad_enabled(fused), autocast(self.device, self.bf16):
+            with torch.set_grad_enabled(first_update), autocast(self.device, self.bf16):
                 micro_values = response_values(self.value.model, micro)
             width = micro_values.shape[1]
             values[rows, :width] = micro_values.detach()
-            if fused:
+            if first_update:
                 returns = gae(rewards[rows, :width], micro_values.detach(), micro.mask, s.gamma, s.lam)[1]
                 self.value_backward(micro_values, micro_values.detach(), returns, micro.mask, tokens, sums)
-        return values, (sums if fused else None)
+        return values, (sums if first_update else None)
 
     def value_backward(self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor, tokens: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
