@@ -18,10 +18,10 @@ instead of 16. And the answers to one prompt share their first tokens (the promp
 the answer's first words): the batch runs each group's shared prefix through the model once, keeps its keys and
 values, and runs every sequence's own remainder on top of them
 (:func:`rlhf_trainer.shared_prefix.shared_prefix_scores`), so a prompt is read once per batch instead of once per
-answer (in the demo: 36% fewer tokens through the model, a batch's forward and backward pass 2.5 s instead of 3.7 on
-an AVX2 CPU). What differs from TRL's run is which pairs share a batch: two or three prompts' pairs instead of eight
-shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on that reward model
-gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
+answer (in the demo: 36% fewer tokens through the model, a batch's forward and backward pass 2.5 s instead of 3.7 in
+float32 on a 2-core AMD EPYC). What differs from TRL's run is which pairs share a batch: two or three prompts' pairs
+instead of eight shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on that
+reward model gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
 """
 
 from __future__ import annotations
