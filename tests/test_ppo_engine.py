@@ -278,8 +278,12 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_in
         for before, after in ((policy, other_policy), (value, other_value)):
             for name, weight in before.items():
                 torch.testing.assert_close(after[name], weight, atol=1e-6, rtol=1e-5, msg=name)
-        for name in ("loss/value", "val/clipfrac", "loss/policy", "val/grad_norm", "val/mean"):
+        for name in ("loss/value", "loss/policy", "val/grad_norm", "val/mean"):
             assert other_metrics[name] == pytest.approx(metrics[name], rel=1e-4, abs=1e-7), name
+        # the fraction of tokens whose value moved further than cliprangeValue in the second epoch: a token on that
+        # boundary may flip with the micro-batches' rounding (on an Intel Xeon with AMX: 0.0125 against 0.0 while
+        # the weights agreed), so it may differ by a token or two
+        assert other_metrics["val/clipfrac"] == pytest.approx(metrics["val/clipfrac"], abs=0.025)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
