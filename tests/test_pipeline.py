@@ -214,8 +214,16 @@ def test_corrupted_artifact_is_refused_by_the_consuming_stage(tiny_model_dir, tm
 
 def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
     """SFT and reward as LoRA adapters, merged into plain checkpoints; the reward stage reads the user's own
-    (prompt, chosen, rejected) file instead of the preferences stage."""
+    (prompt, chosen, rejected) file instead of the preferences stage, and normalizes the merged reward model's
+    scores of the held-out responses to standard deviation 1."""
+    import statistics
+
     from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_trainer.reward_scoring import score
+    from rlhf_trainer.stages.common import uses_chat_template
+    from rlhf_trainer.stages.reward import split
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(
@@ -225,7 +233,7 @@ def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
     lora = {"enabled": True, "r": 4, "alpha": 8}
     doc["spec"]["sft"]["lora"] = lora
     doc["spec"]["preferences"] = {"enabled": False}
-    doc["spec"]["reward"].update(lora=lora, dataset={"uri": pairs.as_uri()})
+    doc["spec"]["reward"].update(lora=lora, dataset={"uri": pairs.as_uri()}, normalizeScores=True)
     parsed = parse_pipeline(doc)
     result = LocalRunner(parsed, tmp_path / "work").run()
     assert result.phase is PipelinePhase.SUCCEEDED, result.message
@@ -236,4 +244,17 @@ def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
         weights = load_file(folder / "model.safetensors")
         assert not any("lora_" in name for name in weights), stage  # merged: a plain checkpoint
         assert not (folder / "adapter_config.json").exists()
-    assert result.reports[Stage.REWARD].metrics["train_pairs"] == 9
+    metrics = result.reports[Stage.REWARD].metrics
+    assert metrics["train_pairs"] == 9 and metrics["raw_score_std"] > 0
+    # the saved reward model's scores of the held-out responses: standard deviation 1, the mean reported
+    _, held_out = split([json.loads(line) for line in pairs.read_text().splitlines()], 0.25, parsed.spec.reward.seed)
+    texts = sorted({(row["prompt"], row[side]) for row in held_out for side in ("chosen", "rejected")})
+    assert len(texts) == 6
+    reward_dir = Path(build_stage_config(parsed, Stage.REWARD, root).output_uri.removeprefix("file://"))
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    tokenizer.padding_side = "right"
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, torch_dtype="float32").eval()
+    chat = uses_chat_template(tokenizer, parsed.spec.model.tokenizer.use_chat_template)
+    scores = score(reward_model, tokenizer, [p for p, _ in texts], [t for _, t in texts], chat=chat)
+    assert statistics.pstdev(scores) == pytest.approx(1.0, abs=1e-3)
+    assert statistics.fmean(scores) == pytest.approx(metrics["normalized_score_mean"], abs=1e-3)

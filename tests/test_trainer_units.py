@@ -21,7 +21,7 @@ from rlhf_trainer.padding import index_batches
 from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
-from rlhf_trainer.stages.reward import margin
+from rlhf_trainer.stages.reward import margin, score_std
 
 
 def test_best_worst_pairs_keep_one_pair_per_prompt_above_the_margin():
@@ -45,6 +45,14 @@ def test_score_margin_scales_the_judge_score_difference_and_needs_scores():
     assert margin(pair, 0.5) == pytest.approx(0.5)
     with pytest.raises(ConfigError, match="scoreMargin.*chosen_score"):
         margin({"prompt": "p", "chosen": "good", "rejected": "bad"}, 1.0)
+
+
+def test_score_normalization_divides_by_the_population_std_and_refuses_one_score_for_all():
+    assert score_std([1.0, 3.0, 1.0, 3.0]) == pytest.approx(1.0)
+    assert score_std([0.0, 4.0]) == pytest.approx(2.0)
+    for scores in ([0.7, 0.7, 0.7], [0.7]):
+        with pytest.raises(ConfigError, match="normalizeScores.*one score"):
+            score_std(scores)
 
 
 def test_a_resumed_attempts_log_replaces_the_interrupted_ones_steps(tmp_path):

@@ -511,6 +511,14 @@ class RewardSpec(StageCommon, TrainingArgs):
     center_rewards_coefficient: float | None = Field(
         None, ge=0.0, description="centerRewardsCoefficient, optional: push mean reward toward zero (TRL)."
     )
+    normalize_scores: bool = Field(
+        False,
+        description="normalizeScores, optional: after training, divide the score head by the standard deviation "
+        "of the reward model's scores of the preference data's responses (the held-out ones when evalFraction "
+        "holds some out), so that those scores have standard deviation 1 (the reward-model normalization of "
+        "Ziegler et al. 2019, scale only: the mean is kept). PPO's klCoef then weighs the KL against the same "
+        "reward scale whichever pairs the reward model learnt from; pair accuracy does not change.",
+    )
     learning_rate: float = Field(1e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
 
 

@@ -205,6 +205,17 @@ def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, tr
     return _fit_vocab(net, tokenizer)
 
 
+def scale_score_head(net: Any, factor: float) -> None:
+    """Multiply a sequence classifier's scores by ``factor``: its ``score`` head's weight (and bias, if any)."""
+    head = getattr(net, "score", None)
+    if head is None:
+        raise ConfigError(f"{type(net).__name__} has no score head named `score` to rescale: unset "
+                          "spec.reward.normalizeScores for this model family")
+    with torch.no_grad():
+        for param in head.parameters():
+            param.mul_(factor)
+
+
 def freeze(net: Any) -> Any:
     """Evaluation mode with gradients off: for the reference and reward models."""
     net.eval()

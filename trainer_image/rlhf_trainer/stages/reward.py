@@ -4,13 +4,16 @@ response once (:mod:`rlhf_trainer.preference_batches`).
 
 The backbone is pi_SFT (or the base model, ``initFrom: base``), all of it or its first ``numLayers`` layers.
 ``evalFraction`` of the pairs is held out and the stage reports the held-out pair accuracy: the fraction of
-pairs whose chosen response outscores the rejected one. Output: R_phi as a plain checkpoint with its tokenizer,
-``trainer_log.jsonl``, metrics.
+pairs whose chosen response outscores the rejected one. With ``normalizeScores`` the score head is then divided by
+the standard deviation of the scores of those pairs' distinct responses (of the training pairs' when none are
+held out), so PPO's KL coefficient means the same against any reward model the stage trains. Output: R_phi as a
+plain checkpoint with its tokenizer, ``trainer_log.jsonl``, metrics.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +56,17 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list,
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: int(round(len(prompts) * fraction))])
     return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
+
+
+def score_std(scores: list[float]) -> float:
+    """The standard deviation ``normalizeScores`` divides the score head by: of the distinct responses' scores."""
+    std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    if not std > 1e-6:
+        raise ConfigError(
+            f"spec.reward.normalizeScores: the trained reward model gives the {len(scores)} distinct responses "
+            "of its preference data one score, so there is no scale to normalize: check that the pairs' "
+            "responses differ, or unset normalizeScores")
+    return std
 
 
 def backbone_layers(backbone: Path, num_layers: int | None, model: ModelSpec) -> int | None:
@@ -126,10 +140,17 @@ def run(ws: Workspace) -> dict[str, Any]:
         "eval_pairs": len(eval_rows),
         "steps": result.global_step,
     }
+    scored_rows = eval_rows or (train_rows if settings.normalize_scores else [])
+    texts = sorted({(r["prompt"], r[side]) for r in scored_rows for side in ("chosen", "rejected")})
+    score_of = dict(zip(texts, reward_scoring.score(trained, tokenizer, [p for p, _ in texts],
+                                                    [t for _, t in texts], chat=chat))) if texts else {}
+    if settings.normalize_scores:
+        std = score_std(list(score_of.values()))
+        models.scale_score_head(trained, 1.0 / std)
+        score_of = {text: value / std for text, value in score_of.items()}
+        metrics["raw_score_std"] = round(std, 4)
+        metrics["normalized_score_mean"] = round(statistics.fmean(score_of.values()), 4)
     if eval_rows:
-        texts = sorted({(r["prompt"], r[side]) for r in eval_rows for side in ("chosen", "rejected")})
-        score_of = dict(zip(texts, reward_scoring.score(trained, tokenizer, [p for p, _ in texts],
-                                                        [t for _, t in texts], chat=chat)))
         chosen = [score_of[r["prompt"], r["chosen"]] for r in eval_rows]
         rejected = [score_of[r["prompt"], r["rejected"]] for r in eval_rows]
         metrics["eval_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
