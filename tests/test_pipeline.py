@@ -223,7 +223,7 @@ def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
 
     from rlhf_trainer.reward_scoring import score
     from rlhf_trainer.stages.common import uses_chat_template
-    from rlhf_trainer.stages.reward import split
+    from rlhf_trainer.stages.reward import distinct_responses, split
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(
@@ -247,8 +247,10 @@ def test_lora_stages_and_external_preference_pairs(tiny_model_dir, tmp_path):
     metrics = result.reports[Stage.REWARD].metrics
     assert metrics["train_pairs"] == 9 and metrics["raw_score_std"] > 0
     # the saved reward model's scores of the held-out responses: standard deviation 1, the mean reported
-    _, held_out = split([json.loads(line) for line in pairs.read_text().splitlines()], 0.25, parsed.spec.reward.seed)
-    texts = sorted({(row["prompt"], row[side]) for row in held_out for side in ("chosen", "rejected")})
+    reward_spec = parsed.spec.reward
+    _, held_out = split([json.loads(line) for line in pairs.read_text().splitlines()], reward_spec.eval_fraction,
+                        reward_spec.seed)
+    texts = distinct_responses(held_out)
     assert len(texts) == 6
     reward_dir = Path(build_stage_config(parsed, Stage.REWARD, root).output_uri.removeprefix("file://"))
     tokenizer = AutoTokenizer.from_pretrained(reward_dir)

@@ -58,6 +58,11 @@ def split(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list,
     return [r for r in rows if r["prompt"] not in held], [r for r in rows if r["prompt"] in held]
 
 
+def distinct_responses(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every distinct (prompt, response) of the pairs, chosen and rejected sides alike, in a stable order."""
+    return sorted({(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")})
+
+
 def score_std(scores: list[float]) -> float:
     """The standard deviation ``normalizeScores`` divides the score head by: of the distinct responses' scores."""
     std = statistics.pstdev(scores) if len(scores) > 1 else 0.0
@@ -141,7 +146,7 @@ def run(ws: Workspace) -> dict[str, Any]:
         "steps": result.global_step,
     }
     scored_rows = eval_rows or (train_rows if settings.normalize_scores else [])
-    texts = sorted({(r["prompt"], r[side]) for r in scored_rows for side in ("chosen", "rejected")})
+    texts = distinct_responses(scored_rows)
     score_of = dict(zip(texts, reward_scoring.score(trained, tokenizer, [p for p, _ in texts],
                                                     [t for _, t in texts], chat=chat))) if texts else {}
     if settings.normalize_scores:
