@@ -23,6 +23,7 @@ from rlhf_operator.plan import PipelinePhase, StagePhase
 from rlhf_operator.runner import LocalRunner
 from rlhf_operator.spec import Stage
 from rlhf_operator.stage_config import build_stage_config
+from rlhf_trainer.stages.evaluate import rm_pair_accuracy
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +87,10 @@ def test_pipeline_on_s3_runs_then_rerun_skips(tiny_model_dir, s3_env, s3_server,
     answers = [json.loads(line) for line in
                store.read_bytes(eval_config.output_uri + "/samples.jsonl").decode().splitlines()]
     assert len(answers) == 12 and [a["prompt"] for a in answers[::2]] == [a["prompt"] for a in answers[1::2]]
+    # the reward model's pair accuracy against the judge is that of the answers the stage wrote (absent when the
+    # judge scored every prompt's two answers alike)
+    accuracy = rm_pair_accuracy(*zip(*[(a["prompt"], a["judge"], a["rm"]) for a in answers if a["model"] == "sft"]))
+    assert evaluation.get("sft/rm_pair_accuracy") == (None if accuracy is None else round(accuracy, 4))
 
     rerun = LocalRunner(doc, tmp_path / "work").run()
     assert rerun.phase is PipelinePhase.SUCCEEDED

@@ -19,7 +19,7 @@ from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
 from rlhf_trainer.padding import index_batches
 from rlhf_trainer.ppo.experience import sequences
-from rlhf_trainer.stages.evaluate import mean_kl_per_token, win_rate
+from rlhf_trainer.stages.evaluate import mean_kl_per_token, rm_pair_accuracy, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
 from rlhf_trainer.stages.reward import margin, score_std
 
@@ -66,6 +66,16 @@ def test_a_resumed_attempts_log_replaces_the_interrupted_ones_steps(tmp_path):
 
 def test_win_rate_counts_ties_as_half():
     assert win_rate([1.0, 0.0, 0.5, -1.0], [0.0, 0.0, 0.9, -1.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+
+def test_rm_pair_accuracy_compares_answers_to_the_same_prompt_only():
+    prompts = ["p", "p", "p", "q", "q", "r"]
+    judge = [0.9, 0.1, 0.1, 0.5, -0.5, 0.7]
+    rm = [2.0, 1.0, 3.0, 0.0, 0.0, -9.0]
+    # p: (0.9 vs 0.1) rm 2 > 1 agrees; (0.9 vs 0.1) rm 2 < 3 disagrees; (0.1 vs 0.1) judge tie: not a pair.
+    # q: rm tie counts half. r: one answer, no pair; the rm scores across prompts are never compared.
+    assert rm_pair_accuracy(prompts, judge, rm) == pytest.approx((1 + 0 + 0.5) / 3)
+    assert rm_pair_accuracy(["p", "p", "q"], [0.2, 0.2, 0.4], [1.0, 2.0, 3.0]) is None
 
 
 def test_mean_kl_per_token_weights_tokens_not_sequences():

@@ -1,9 +1,12 @@
 """Stage 5, evaluation on held-out prompts: pi_SFT (the reference) against the aligned policy.
 
 Both models answer every held-out prompt (``samplesPerPrompt`` times) with the same sampling settings and seed.
-Reported per model: gold-judge mean, reward-model mean (when a reward model exists), mean response length, EOS
-rate; and for the policy: its win rate against pi_SFT under the gold judge (ties count half) and the mean per-
-token KL to the reference, E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
+Reported per model: gold-judge mean, mean response length, EOS rate, and when a reward model exists its mean
+score and its pair accuracy against the gold judge (:func:`rm_pair_accuracy`: how well R_phi ranks that model's
+answers as the judge does, on prompts it never trained on; on the policy's answers, a fall from pi_SFT's figure
+shows PPO took the policy where the reward model stops tracking the judge); and for the policy: its win rate
+against pi_SFT under the gold judge (ties count half) and the mean per-token KL to the reference,
+E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
 
 Detail: the KL is that of the distributions the responses were sampled from: both models' logits divided by the
 sampling temperature, as PPO's rollouts and its ``objective/kl`` use them. (Temperature-1 log-probabilities on
@@ -17,6 +20,7 @@ Without a PPO policy the stage reports pi_SFT alone. Output: ``metrics.json``, `
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Sequence
@@ -42,6 +46,27 @@ def win_rate(policy: list[float], reference: list[float]) -> float:
     """Fraction of prompts where the policy's score beats the reference's; ties count half."""
     wins = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference))
     return wins / len(policy)
+
+
+def rm_pair_accuracy(prompts: Sequence[str], judge: Sequence[float], rm: Sequence[float]) -> float | None:
+    """Of every two answers to the same prompt that the gold judge scores differently, the fraction the reward
+    model orders the same way (a tie in the reward model's scores counts half). None when no such pair exists.
+
+    With K answers per prompt this reads up to K(K-1)/2 pairs per prompt (the evaluate stage's default, four per
+    prompt on 60 prompts: up to 360), so it measures the reward model more finely than its own held-out pairs.
+    """
+    rows_of: dict[str, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        rows_of.setdefault(prompt, []).append(row)
+    agree = pairs = 0.0
+    for rows in rows_of.values():
+        for i, j in itertools.combinations(rows, 2):
+            if judge[i] == judge[j]:
+                continue
+            pairs += 1
+            order = (judge[i] - judge[j]) * (rm[i] - rm[j])
+            agree += 1.0 if order > 0 else 0.5 if order == 0 else 0.0
+    return agree / pairs if pairs else None
 
 
 def mean_kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> float:
@@ -76,6 +101,9 @@ def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None)
     }
     if rm is not None:
         out["rm_mean"] = statistics.fmean(rm)
+        accuracy = rm_pair_accuracy([s.prompt for s in samples], judge, rm)
+        if accuracy is not None:
+            out["rm_pair_accuracy"] = accuracy
     return out
 
 
