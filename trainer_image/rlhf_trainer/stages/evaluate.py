@@ -3,7 +3,7 @@
 Both models answer every held-out prompt (``samplesPerPrompt`` times) with the same sampling settings and seed.
 Reported per model: gold-judge mean, mean response length, EOS rate, and when a reward model exists its mean
 score and its pair accuracy against the gold judge (:func:`rm_pair_accuracy`: how well R_phi ranks that model's
-answers as the judge does, on prompts it never trained on; on the policy's answers, a fall from pi_SFT's figure
+answers as the judge does, on the held-out prompts; on the policy's answers, a fall from pi_SFT's figure
 shows PPO took the policy where the reward model stops tracking the judge); and for the policy: its win rate
 against pi_SFT under the gold judge (ties count half) and the mean per-token KL to the reference,
 E[log pi(y_t) - log pi_ref(y_t)] over the policy's own response tokens.
@@ -52,8 +52,9 @@ def rm_pair_accuracy(prompts: Sequence[str], judge: Sequence[float], rm: Sequenc
     """Of every two answers to the same prompt that the gold judge scores differently, the fraction the reward
     model orders the same way (a tie in the reward model's scores counts half). None when no such pair exists.
 
-    With K answers per prompt this reads up to K(K-1)/2 pairs per prompt (the evaluate stage's default, four per
-    prompt on 60 prompts: up to 360), so it measures the reward model more finely than its own held-out pairs.
+    With K answers per prompt (``samplesPerPrompt``) this reads up to K(K-1)/2 pairs per prompt (the demo's four
+    answers to each of 60 prompts: up to 360), finer than the reward stage's own held-out pairs; with one answer
+    per prompt (the default) there is no pair, and no figure.
     """
     rows_of: dict[str, list[int]] = {}
     for row, prompt in enumerate(prompts):
