@@ -17,7 +17,7 @@ from rlhf_trainer.generation import Sample
 from rlhf_trainer.hf_training import training_args
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import load_tokenizer, quantization_config
-from rlhf_trainer.padding import index_batches
+from rlhf_trainer.padding import group_rows, index_batches
 from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, rm_pair_accuracy, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
@@ -93,6 +93,11 @@ def test_sequences_left_pad_prompts_and_right_pad_responses():
     assert ids.tolist() == [[5, 6, 7, 8], [0, 9, 10, 0]]
     assert attention.tolist() == [[1, 1, 1, 1], [0, 1, 1, 0]]
     assert positions[:, :3].tolist() == [[0, 1, 2], [0, 0, 1]]
+
+
+def test_group_rows_keeps_first_appearance_order():
+    assert group_rows(["b", "a", "b", "c", "a"]) == [[0, 2], [1, 4], [3]]
+    assert group_rows([]) == []
 
 
 def test_index_batches_in_input_order_or_sorted_by_a_key_stably():

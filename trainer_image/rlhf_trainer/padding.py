@@ -4,7 +4,7 @@ padding."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,15 @@ def index_batches(count: int, batch_size: int, key: Callable[[int], Any] | None 
     length: each batch then holds texts of similar lengths). The sort is stable: equal keys keep input order."""
     order = sorted(range(count), key=key) if key is not None else list(range(count))
     return [order[start:start + batch_size] for start in range(0, count, batch_size)]
+
+
+def group_rows(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Row indices grouped by their key (e.g. each row's prompt): groups in the order their first row comes,
+    rows in input order within a group."""
+    rows_of: dict[Hashable, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(row)
+    return list(rows_of.values())
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

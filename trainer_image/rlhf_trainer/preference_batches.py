@@ -35,7 +35,7 @@ import torch
 from trl import RewardTrainer
 
 from rlhf_trainer import seeding
-from rlhf_trainer.padding import right_pad
+from rlhf_trainer.padding import group_rows, right_pad
 from rlhf_trainer.ppo.forward import transformers_model
 from rlhf_trainer.shared_prefix import PREFIX_KEYS, shared_prefix_scores, shared_prefixes
 
@@ -48,10 +48,7 @@ class PromptGroupedSampler(torch.utils.data.Sampler[int]):
     """
 
     def __init__(self, groups: Sequence[Hashable], seed: int) -> None:
-        rows_of: dict[Hashable, list[int]] = {}
-        for row, group in enumerate(groups):
-            rows_of.setdefault(group, []).append(row)
-        self.groups = list(rows_of.values())
+        self.groups = group_rows(groups)
         self.rows = len(groups)
         self.seed = seed
         self.epoch = 0

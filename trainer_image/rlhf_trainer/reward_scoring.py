@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rlhf_trainer.padding import right_pad
+from rlhf_trainer.padding import group_rows, right_pad
 from rlhf_trainer.shared_prefix import shared_prefix_scores, shared_prefixes
 
 
@@ -65,10 +65,8 @@ def prompt_group_batches(prompts: Sequence[str], sequences: Sequence[Sequence[in
     A prompt's rows stay together (in chunks of ``batch_size`` when there are more); ``by_length`` orders the
     groups by their longest sequence, otherwise they keep the order of their first row.
     """
-    rows_of: dict[str, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        rows_of.setdefault(prompt, []).append(row)
-    groups = [rows[start:start + batch_size] for rows in rows_of.values() for start in range(0, len(rows), batch_size)]
+    groups = [rows[start:start + batch_size]
+              for rows in group_rows(prompts) for start in range(0, len(rows), batch_size)]
     if by_length:
         groups.sort(key=lambda group: max(len(sequences[row]) for row in group))
     batches: list[list[list[int]]] = []

@@ -34,7 +34,7 @@ from rlhf_trainer import models, reward_scoring
 from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.generation import Sample, sample
 from rlhf_trainer.judges import make_judge
-from rlhf_trainer.padding import index_batches
+from rlhf_trainer.padding import group_rows, index_batches
 from rlhf_trainer.ppo import forward
 from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.plots import evaluation_figure, read_log
@@ -56,11 +56,8 @@ def rm_pair_accuracy(prompts: Sequence[str], judge: Sequence[float], rm: Sequenc
     answers to each of 60 prompts: up to 360), finer than the reward stage's own held-out pairs; with one answer
     per prompt (the default) there is no pair, and no figure.
     """
-    rows_of: dict[str, list[int]] = {}
-    for row, prompt in enumerate(prompts):
-        rows_of.setdefault(prompt, []).append(row)
     agree = pairs = 0.0
-    for rows in rows_of.values():
+    for rows in group_rows(prompts):
         for i, j in itertools.combinations(rows, 2):
             if judge[i] == judge[j]:
                 continue
