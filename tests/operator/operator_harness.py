@@ -177,6 +177,18 @@ def pipeline_events(api, namespace: str, name: str) -> list[Any]:
     return sorted(events, key=lambda e: (e.last_timestamp or e.event_time or 0, e.metadata.creation_timestamp))
 
 
+def succeeded_pipeline_reasons(api, namespace: str, name: str, timeout_s: float = 30) -> list[str]:
+    """The reasons of the pipeline's Events, in order, once its ``Succeeded`` Event is recorded. The controller
+    records a transition's Events just after the status patch that shows it, so a test that has seen the phase
+    may be ahead of them; ``Succeeded`` is the last Event a pipeline gets."""
+
+    def reasons() -> list[str] | None:
+        found = [e.reason for e in pipeline_events(api, namespace, name)]
+        return found if "Succeeded" in found else None
+
+    return eventually(reasons, timeout_s, f"the Succeeded event of {namespace}/{name}")
+
+
 def tiny_spec(model_dir: Path, s3, **stages: Any) -> dict[str, Any]:
     """A pipeline on the tiny test model, stored in the test's bucket with the Secret's credentials. Stages
     given as keyword arguments replace the defaults (None disables a stage)."""

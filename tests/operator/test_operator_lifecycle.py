@@ -14,9 +14,9 @@ from operator_harness import (
     get_pipeline,
     kubectl_apply,
     pipeline_doc,
-    pipeline_events,
     pipeline_jobs,
     stage_status,
+    succeeded_pipeline_reasons,
     wait_phase,
 )
 
@@ -44,7 +44,7 @@ def test_dry_run_pipeline_runs_each_stage_as_a_job(k8s_cluster, k8s_api, operato
                                                              "Skipped"]
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True" and ready["observedGeneration"] == body["metadata"]["generation"] == 1
-    reasons = [e.reason for e in pipeline_events(k8s_api, k8s_namespace, "dry")]
+    reasons = succeeded_pipeline_reasons(k8s_api, k8s_namespace, "dry")
     assert reasons.count("StageStarting") == 3 and reasons.count("StageSucceeded") == 3 and "Succeeded" in reasons
 
 

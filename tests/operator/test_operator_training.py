@@ -26,9 +26,9 @@ from operator_harness import (
     operator_metrics,
     operator_pods,
     pipeline_doc,
-    pipeline_events,
     pipeline_jobs,
     stage_status,
+    succeeded_pipeline_reasons,
     tiny_spec,
     wait_operator_running,
     wait_phase,
@@ -124,7 +124,7 @@ def test_example_pipeline_succeeds_across_an_operator_restart_with_a_two_node_pp
     assert table[1].split()[:3] == ["tiny", "evaluate", "Succeeded"]
 
     # Events: each transition exactly once, even across the restart.
-    reasons = [e.reason for e in pipeline_events(k8s_api, k8s_namespace, "tiny")]
+    reasons = succeeded_pipeline_reasons(k8s_api, k8s_namespace, "tiny")
     assert reasons.count("StageStarting") == 5 and reasons.count("StageSucceeded") == 5, reasons
     assert reasons.count("Succeeded") == 1
     assert 'rlhf_operator_pipelines{phase="Succeeded"}' in operator_metrics(k8s_api)
@@ -241,7 +241,7 @@ def test_stage_lifecycle_suspend_resume_pod_deletion_config_error_and_deletion(
     by_stage = sorted(j.metadata.labels["rlhf-operator.io/stage"] for j in jobs)
     assert by_stage == ["preferences", "preferences", "sft"]
     assert stage_status(body, "sft")["jobName"] == job_name
-    reasons = [e.reason for e in pipeline_events(k8s_api, k8s_namespace, "life")]
+    reasons = succeeded_pipeline_reasons(k8s_api, k8s_namespace, "life")
     assert {"Suspended", "Resumed", "StageFailed", "StageRetrying", "Succeeded"} <= set(reasons), reasons
 
     # Deleting the pipeline removes its Jobs, pods, Services and ConfigMaps; the artifacts stay.
