@@ -84,12 +84,15 @@ def machine_speed() -> tuple[float, float]:
     reads (GB/s). A shared machine's speed drifts by up to half between hours; these say which hour a figure saw."""
     import torch
 
+    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
+
     a, w, big = torch.randn(528, 576), torch.randn(1536, 576), torch.ones(64 * 2**20)
-    torch.nn.functional.linear(a, w), big.sum()
-    started = time.perf_counter()
-    for _ in range(50):
-        torch.nn.functional.linear(a, w)
-    gflops = 50 * 2 * 528 * 576 * 1536 / (time.perf_counter() - started) / 1e9
+    with onednn_linear(onednn_preferred()):  # the library the step's products run in
+        torch.nn.functional.linear(a, w), big.sum()
+        started = time.perf_counter()
+        for _ in range(50):
+            torch.nn.functional.linear(a, w)
+        gflops = 50 * 2 * 528 * 576 * 1536 / (time.perf_counter() - started) / 1e9
     started = time.perf_counter()
     for _ in range(10):
         big.sum()
@@ -129,6 +132,19 @@ def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
     return peak_rss_gb()
 
 
+def count_onednn_products() -> None:
+    """Teach ``FlopCounterMode`` oneDNN's linear product (``rlhf_trainer.onednn_linear``), which it does not know:
+    ``x @ W^T`` is 2 * rows * in * out FLOP, as aten's ``mm``."""
+    import math
+
+    import torch
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def linear_flop(x_shape, w_shape, *_, **__) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
 def run_one(name: str, steps: int, chat_template: bool, accumulation: int, checkpointing: bool,
             lora_targets: list[str]) -> dict:
     """One configuration in this process: warm-up step, then ``steps`` timed steps."""
@@ -138,6 +154,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     from rlhf_operator.spec import ModelSpec, PPOSpec
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.generation import encode_prompts
+    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
     from rlhf_trainer.ppo.trainer import PPOTrainer
@@ -159,15 +176,18 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     prompts = [r["prompt"] for r in read_rows(builtin_dataset_path("builtin://movie-reviews/prompts-train"))]
     torch.manual_seed(0)
     world = distributed.init()
-    trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
-                         use_chat_template=chat_template)
-    load_before = os.getloadavg()[0]
-    history = [trainer.train_step() for _ in range(steps + 1)]
-    timed = history[1:]
-    peak_gb = peak_rss_gb()
-    load_average = (load_before + os.getloadavg()[0]) / 2
-    with FlopCounterMode(display=False) as flops:  # one more step, not timed: the work a step does
-        trainer.train_step()
+    onednn = onednn_preferred()
+    count_onednn_products()
+    with onednn_linear(onednn):  # as rlhf-train runs a stage
+        trainer = PPOTrainer(settings, load_models(sft, rm, spec, settings, world.device), prompts, world,
+                             use_chat_template=chat_template)
+        load_before = os.getloadavg()[0]
+        history = [trainer.train_step() for _ in range(steps + 1)]
+        timed = history[1:]
+        peak_gb = peak_rss_gb()
+        load_average = (load_before + os.getloadavg()[0]) / 2
+        with FlopCounterMode(display=False) as flops:  # one more step, not timed: the work a step does
+            trainer.train_step()
     prompt_tokens = statistics.fmean(len(ids) for ids in encode_prompts(trainer.models.tokenizer, prompts,
                                                                          chat_template))
     return {
@@ -184,6 +204,7 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
         "matmul_gflop": flops.get_total_flops() / 1e9,
         "threads": torch.get_num_threads(),
         "malloc": "tcmalloc" if LIBRARY in os.environ.get("LD_PRELOAD", "") else "glibc",
+        "float32_linear": "oneDNN" if onednn else "MKL",
         "load_average": load_average,
     }
 
@@ -244,6 +265,7 @@ def main() -> int:
               f"({r['libraries_rss_gb']:.2f} of it the libraries', before any model), {gpu_memory}"
               f"{r['matmul_gflop']:.0f} GFLOP of matrix products per step{floor}, "
               f"load average {r['load_average']:.2f} on {os.cpu_count()} CPUs, {r['threads']} threads, {r['malloc']}, "
+              f"float32 linear layers in {r['float32_linear']}, "
               f"machine now {gflops:.0f} GFLOP/s and {read_gbps:.0f} GB/s "
               f"[8 prompts x {r['prompt_tokens']:.0f} tokens, {r['response_tokens']:.0f}-token responses, "
               f"{8 // args.accumulation} rollouts per forward, "

@@ -45,6 +45,7 @@ def load_config(path: str | None, stage: Stage) -> StageConfig:
 
 def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     """Run one stage in ``workspace`` and publish its output with the manifest last. Returns the metrics."""
+    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
     from rlhf_trainer.workspace import Workspace
 
     if config.stage not in IMPLEMENTED:
@@ -55,7 +56,8 @@ def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     ws = Workspace(config, workspace)
     module = importlib.import_module(f"rlhf_trainer.stages.{config.stage.value}")
     started = time.monotonic()
-    metrics = module.run(ws)
+    with onednn_linear(onednn_preferred()):
+        metrics = module.run(ws)
     metrics["seconds"] = round(time.monotonic() - started, 1)
     if os.environ.get("RANK", "0") != "0":  # another process of a distributed stage: the main one publishes
         return metrics

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rlhf_operator.spec import LoraSpec, ModelSpec
+from rlhf_trainer.cpu import cpu_flags
 from rlhf_trainer.errors import ConfigError
 
 PAD_TOKEN = "<|pad|>"
@@ -77,12 +78,7 @@ def cpu_has_native_bf16() -> bool:
         if override not in ("0", "1"):
             raise ConfigError(f"{CPU_BF16_ENV}={override!r}: set it to 0 (no bfloat16 instructions) or 1, or unset it")
         return override == "1"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    return not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
 
 
 @cache
