@@ -5,42 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_trainer import onednn_linear as onednn
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
+from tiny_models import ops_run, tiny_llama
 
 ATEN_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 ONEDNN_PRODUCT = "mkldnn._linear_pointwise.default"
-
-
-class OpsRun(TorchDispatchMode):
-    """The names of the operators that ran below autograd (the backward pass's included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def tiny_lora_llama(seed: int = 0) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    model = get_peft_model(LlamaForCausalLM(config),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    with torch.no_grad():  # B starts at zero: give the adapters a gradient path through A as well
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5)
-    return model
 
 
 def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,7 +34,7 @@ def test_a_linear_layer_runs_forward_and_backward_in_onednn_with_pytorchs_result
         return [out.detach(), leaf.grad, layer.weight.grad, layer.bias.grad]
 
     expected = run()
-    with onednn_linear(), OpsRun() as ops:
+    with onednn_linear(), ops_run() as ops:
         got, again = run(), run()
     assert ONEDNN_PRODUCT in ops.names and not ATEN_PRODUCTS & set(ops.names), ops.names
     assert ops.names.count(ONEDNN_PRODUCT) == 2 * 3  # forward, dL/dx and dL/dW, twice
@@ -73,10 +45,10 @@ def test_a_linear_layer_runs_forward_and_backward_in_onednn_with_pytorchs_result
 
 
 def test_a_lora_model_trains_through_onednn_to_pytorchs_loss_and_gradients_and_frozen_weights_get_none():
-    model = tiny_lora_llama()
+    model = tiny_llama(lora=True).train()
     tokens = torch.randint(0, 97, (2, 9))
     expected_loss, expected = loss_and_grads(model, tokens)
-    with onednn_linear(), OpsRun() as ops:
+    with onednn_linear(), ops_run() as ops:
         loss, grads = loss_and_grads(model, tokens)
     assert not ATEN_PRODUCTS & set(ops.names)  # attention runs in SDPA's kernel: every product was oneDNN's
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
@@ -90,14 +62,14 @@ def test_bfloat16_autocast_and_frozen_passes_take_the_path_they_took_before():
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(16, 8), torch.randn(4, 16)
     with onednn_linear():
-        with torch.autocast("cpu", dtype=torch.bfloat16), OpsRun() as ops:
+        with torch.autocast("cpu", dtype=torch.bfloat16), ops_run() as ops:
             assert layer(x).dtype is torch.bfloat16  # autocast still casts: oneDNN's float32 op is not used
         assert ONEDNN_PRODUCT not in ops.names
-        with OpsRun() as ops:
+        with ops_run() as ops:
             assert layer.to(torch.bfloat16)(x.to(torch.bfloat16)).dtype is torch.bfloat16
         assert ONEDNN_PRODUCT not in ops.names
         layer = layer.float()
-        with torch.inference_mode(), OpsRun() as ops:  # sampling: no autograd, oneDNN's product directly
+        with torch.inference_mode(), ops_run() as ops:  # sampling: no autograd, oneDNN's product directly
             out = layer(x)
         assert ops.names == [ONEDNN_PRODUCT]
     torch.testing.assert_close(out, layer(x))

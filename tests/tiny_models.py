@@ -55,3 +55,42 @@ def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def tiny_llama(seed: int = 0, lora: bool = False):
+    """A 2-layer Llama of random weights (no tokenizer), in evaluation mode; with ``lora`` a peft LoRA model over it
+    (r=4 on every linear layer, B drawn at random instead of zero so the adapters change what the model computes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return model
+
+
+def ops_run():
+    """A dispatch mode that records the name of every operator run below autograd (backward passes included):
+    ``with ops_run() as ops: ...`` then ``ops.names``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpsRun(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return OpsRun()

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_operator.spec import GenerationSpec
+from rlhf_trainer.decoding_weights import decoding_weights
 from rlhf_trainer.padding import left_pad, position_ids
 from rlhf_trainer.seeding import generator
 
@@ -234,16 +235,17 @@ def sample(
     stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template)
     out: list[Sample] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        rows = range(start, min(start + batch_size, len(prompts)))
-        queries, query_mask = left_pad([prompt_ids[i] for i in rows], pad)
-        responses, logprobs = sample_responses(
-            model, queries.to(device), query_mask.to(device), gen, stop_token_id=stop, pad_token_id=pad,
-            generators=[generator(seed, "sample", i, device=device) for i in rows])
-        for i, response, response_logprobs in zip(rows, responses.tolist(), logprobs.tolist()):
-            has_eos = stop in response
-            response = response[:response.index(stop) + 1] if has_eos else response
-            text = tokenizer.decode(response, skip_special_tokens=True).strip()
-            out.append(Sample(prompts[i], prompt_ids[i], response, text, has_eos,
-                              tuple(response_logprobs[:len(response)])))
+    with decoding_weights(model, rows=batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            rows = range(start, min(start + batch_size, len(prompts)))
+            queries, query_mask = left_pad([prompt_ids[i] for i in rows], pad)
+            responses, logprobs = sample_responses(
+                model, queries.to(device), query_mask.to(device), gen, stop_token_id=stop, pad_token_id=pad,
+                generators=[generator(seed, "sample", i, device=device) for i in rows])
+            for i, response, response_logprobs in zip(rows, responses.tolist(), logprobs.tolist()):
+                has_eos = stop in response
+                response = response[:response.index(stop) + 1] if has_eos else response
+                text = tokenizer.decode(response, skip_special_tokens=True).strip()
+                out.append(Sample(prompts[i], prompt_ids[i], response, text, has_eos,
+                                  tuple(response_logprobs[:len(response)])))
     return out

@@ -30,13 +30,13 @@ import torch
 
 from rlhf_operator.spec import PPOSpec
 from rlhf_trainer import seeding
+from rlhf_trainer.decoding_weights import decoding_weights
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.judges import Judge
 from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
-from rlhf_trainer.ppo.folded_lora import folded_adapters
 from rlhf_trainer.ppo.forward import attention_kernel, autocast, response_logprobs, response_values
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
@@ -176,14 +176,14 @@ class PPOTrainer:
         prompts = [self.prompt_of(e) for e in episodes]
 
         # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3;
-        #    under bf16 from a bfloat16 copy of the current weights; under LoRA with the adapters folded into a
-        #    copy of the weights). The sampling pass also gives each token's log-probability under the policy: no
-        #    extra forward pass.
+        #    under bf16 from a bfloat16 copy of the current weights; each linear layer from a copy made for
+        #    decoding: LoRA adapters folded in, packed for oneDNN on CPU). The sampling pass also gives each
+        #    token's log-probability under the policy: no extra forward pass.
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         sampler = self.sampler.refreshed() if self.sampler else self.policy.model
         with (self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None),
-              attention_kernel(sampler, "sdpa"), folded_adapters(sampler)):
+              attention_kernel(sampler, "sdpa"), decoding_weights(sampler, rows=len(episodes))):
             responses, logprobs = sample_responses(
                 sampler, queries, query_mask, s.generation, stop_token_id=self.stop_id, pad_token_id=self.pad_id,
                 generators=episode_generators(s.seed, episodes, self.device), interrupted=lambda: self.stop_requested)
