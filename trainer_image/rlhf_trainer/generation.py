@@ -229,7 +229,8 @@ def sample(
 ) -> list[Sample]:
     """One sampled response per prompt (repeat a prompt to get several), in the prompts' order, ending at EOS.
 
-    The i-th prompt's response draws from a generator seeded by ``(seed, "sample", i)``.
+    The i-th prompt's response draws from a generator seeded by ``(seed, "sample", i)``. The model's linear layers
+    decode from copies of their weights made once for the call (:func:`rlhf_trainer.decoding_weights`).
     """
     device = next(model.parameters()).device
     stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
