@@ -12,10 +12,8 @@ from rlhf_operator.spec import GenerationSpec
 from rlhf_trainer.decoding_weights import decoding_weights, onednn_packs_here
 from rlhf_trainer.generation import sample_responses
 from rlhf_trainer.seeding import generator
-from tiny_models import ops_run, tiny_llama
+from tiny_models import ATEN_PRODUCTS, ONEDNN_PRODUCT, ops_run, tiny_llama
 
-PACKED_PRODUCT = "mkldnn._linear_pointwise.default"
-ATEN_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default"}
 x86_only = pytest.mark.skipif(not onednn_packs_here(), reason="oneDNN packs weights in PyTorch's x86 builds only")
 
 
@@ -100,14 +98,14 @@ def test_every_linear_layer_decodes_from_one_packed_product_and_gradients_take_t
         expected = logits(model, tokens)
         with decoding_weights(model, rows=3), ops_run() as ops:
             got = logits(model, tokens)
-    assert ops.names.count(PACKED_PRODUCT) == linear_layers(model) == 2 * 7 + 1  # one product each, LM head too
+    assert ops.names.count(ONEDNN_PRODUCT) == linear_layers(model) == 2 * 7 + 1  # one product each, LM head too
     if not lora or dtype is torch.float32:  # (bf16 LoRA: B's small product after the stacked one stays aten's)
         assert not ATEN_PRODUCTS & set(ops.names), ops.names
     tolerance = 1e-5 if dtype is torch.float32 else 2e-2  # another summation order: float32's or bfloat16's rounding
     torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
     with decoding_weights(model, rows=3), precision, ops_run() as ops:
         logits(model, tokens).float().sum().backward()  # autograd on: every layer's own product
-    assert PACKED_PRODUCT not in ops.names and ATEN_PRODUCTS & set(ops.names)
+    assert ONEDNN_PRODUCT not in ops.names and ATEN_PRODUCTS & set(ops.names)
     assert all("forward" not in m.__dict__ for m in model.modules())  # the layers' own methods are back
 
 

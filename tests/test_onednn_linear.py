@@ -9,10 +9,7 @@ import torch.nn.functional as F
 from rlhf_trainer import onednn_linear as onednn
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
-from tiny_models import ops_run, tiny_llama
-
-ATEN_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
-ONEDNN_PRODUCT = "mkldnn._linear_pointwise.default"
+from tiny_models import ATEN_PRODUCTS, ONEDNN_PRODUCT, ops_run, tiny_llama
 
 
 def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -79,6 +79,10 @@ def tiny_llama(seed: int = 0, lora: bool = False):
     return model
 
 
+ONEDNN_PRODUCT = "mkldnn._linear_pointwise.default"  # oneDNN's linear product, plain or packed weight
+ATEN_PRODUCTS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default"}
+
+
 def ops_run():
     """A dispatch mode that records the name of every operator run below autograd (backward passes included):
     ``with ops_run() as ops: ...`` then ``ops.names``."""

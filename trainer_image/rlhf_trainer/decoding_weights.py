@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf_trainer.onednn_linear import onednn_product
+
 Product = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -82,7 +84,7 @@ def product(weight: torch.Tensor, bias: torch.Tensor | None, *, rows: int,
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x if autocast_dtype is None else x.to(dtype)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return onednn_product(x, packed, bias)
 
     return forward
 

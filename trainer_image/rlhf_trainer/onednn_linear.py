@@ -36,8 +36,9 @@ from rlhf_trainer.errors import ConfigError
 ONEDNN_ENV = "RLHF_ONEDNN_LINEAR"  # "0" or "1": overrides what the CPU says
 
 
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` in oneDNN (strided operands are read in place)."""
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` in oneDNN (strided operands are read in place; ``weight`` may be plain or packed by
+    ``torch.ops.mkldnn._reorder_linear_weight``)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -48,7 +49,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -56,10 +57,10 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _product(grad, weight.t())  # dL/dx = g W
+            grad_x = onednn_product(grad, weight.t())  # dL/dx = g W
         rows = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_weight = _product(rows.t(), x.reshape(-1, x.shape[-1]).t())  # dL/dW = g^T x
+            grad_weight = onednn_product(rows.t(), x.reshape(-1, x.shape[-1]).t())  # dL/dW = g^T x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -87,7 +88,7 @@ def onednn_linear(enabled: bool = True) -> Iterator[None]:
             return original(input, weight, bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
             return _OneDNNLinear.apply(input, weight, bias)
-        return _product(input, weight, bias)
+        return onednn_product(input, weight, bias)
 
     F.linear = linear
     try:
