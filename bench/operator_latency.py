@@ -20,9 +20,7 @@ One line per figure. The machine's other load slows everything; the load average
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile

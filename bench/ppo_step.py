@@ -61,8 +61,8 @@ def stage_checkpoints() -> tuple[Path, Path]:
     """pi_SFT and R_phi folders made from the demo model as the SFT and reward stages write theirs (once)."""
     import torch
 
-    from rlhf_operator.cache import cache_root
-    from rlhf_operator.spec import ModelSpec
+    from rlhf_api.cache import cache_root
+    from rlhf_api.spec import ModelSpec
     from rlhf_trainer import models as hf_models
     from rlhf_trainer.builtin_models import builtin_model_dir
 
@@ -84,7 +84,7 @@ def machine_speed() -> tuple[float, float]:
     reads (GB/s). A shared machine's speed drifts by up to half between hours; these say which hour a figure saw."""
     import torch
 
-    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
+    from rlhf_trainer.accelerations.onednn_linear import onednn_linear, onednn_preferred
 
     a, w, big = torch.randn(528, 576), torch.randn(1536, 576), torch.ones(64 * 2**20)
     with onednn_linear(onednn_preferred()):  # the library the step's products run in
@@ -133,8 +133,8 @@ def libraries_rss_gb(checkpoint: Path, lora: bool) -> float:
 
 
 def count_onednn_products() -> None:
-    """Teach ``FlopCounterMode`` oneDNN's linear product (``rlhf_trainer.onednn_linear``), which it does not know:
-    ``x @ W^T`` is 2 * rows * in * out FLOP, as aten's ``mm``."""
+    """Teach ``FlopCounterMode`` oneDNN's linear product (``rlhf_trainer.accelerations.onednn_linear``), which it
+    does not know: ``x @ W^T`` is 2 * rows * in * out FLOP, as aten's ``mm``."""
     import math
 
     import torch
@@ -151,10 +151,10 @@ def run_one(name: str, steps: int, chat_template: bool, accumulation: int, check
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rlhf_operator.spec import ModelSpec, PPOSpec
+    from rlhf_api.spec import ModelSpec, PPOSpec
+    from rlhf_trainer.accelerations.onednn_linear import onednn_linear, onednn_preferred
     from rlhf_trainer.data import builtin_dataset_path, read_rows
     from rlhf_trainer.generation import encode_prompts
-    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
     from rlhf_trainer.ppo import distributed
     from rlhf_trainer.ppo.models import load_models
     from rlhf_trainer.ppo.trainer import PPOTrainer

@@ -33,7 +33,7 @@ VERSION = "1.12.0"
 
 def trl_site() -> Path:
     """A folder holding TRL ``VERSION``'s package, to put first on ``PYTHONPATH`` (fetched once, cached)."""
-    from rlhf_operator.cache import cache_root
+    from rlhf_api.cache import cache_root
 
     site = cache_root() / "bench" / f"trl-{VERSION}"
     if not (site / ".complete").exists():
@@ -56,9 +56,9 @@ def run(name: str, steps: int) -> dict:
     import torch
     import trl
     from datasets import Dataset
+    from ppo_step import CONFIGS, peak_rss_gb, stage_checkpoints
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    from ppo_step import CONFIGS, peak_rss_gb, stage_checkpoints
     from rlhf_trainer.data import builtin_dataset_path, read_rows
 
     if trl.__version__ != VERSION:

@@ -1,11 +1,9 @@
 """Shared pytest fixtures. Fixture modules live next to this file and are imported here."""
 
-from s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3-compatible server on loopback)
-
-
 import os  # noqa: E402
 
 import pytest  # noqa: E402
+from s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3-compatible server on loopback)
 
 # Unset bf16 fields mean bfloat16 on CPUs with AMX or AVX512-BF16: the tests run float32 on every CPU (their
 # tolerances are float32's), here and in the stage processes and pods they start, which inherit the variable.

@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from s3_server import S3Server
 
-from rlhf_operator.artifacts import (
+from rlhf_api.artifacts import (
     MANIFEST_NAME,
     ChecksumError,
     InvalidManifestError,
@@ -36,8 +37,7 @@ from rlhf_operator.artifacts import (
     read_manifest,
     read_progress,
 )
-from rlhf_operator.artifacts import store as store_module
-from s3_server import S3Server
+from rlhf_api.artifacts import store as store_module
 
 pytestmark = pytest.mark.timeout(60)
 

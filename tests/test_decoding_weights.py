@@ -6,13 +6,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from tiny_models import ATEN_PRODUCTS, ONEDNN_PRODUCT, ops_run, tiny_llama
 from torch import nn
 
-from rlhf_operator.spec import GenerationSpec
-from rlhf_trainer.decoding_weights import decoding_weights, onednn_packs_here
+from rlhf_api.spec import GenerationSpec
+from rlhf_trainer.accelerations.decoding_weights import decoding_weights, onednn_packs_here
 from rlhf_trainer.generation import sample_responses
 from rlhf_trainer.seeding import generator
-from tiny_models import ATEN_PRODUCTS, ONEDNN_PRODUCT, ops_run, tiny_llama
 
 x86_only = pytest.mark.skipif(not onednn_packs_here(), reason="oneDNN packs weights in PyTorch's x86 builds only")
 

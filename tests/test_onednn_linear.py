@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from rlhf_trainer import onednn_linear as onednn
-from rlhf_trainer.errors import ConfigError
-from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
 from tiny_models import ATEN_PRODUCTS, ONEDNN_PRODUCT, ops_run, tiny_llama
+
+from rlhf_trainer.accelerations import onednn_linear as onednn
+from rlhf_trainer.accelerations.onednn_linear import onednn_linear, onednn_preferred
+from rlhf_trainer.errors import ConfigError
 
 
 def loss_and_grads(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

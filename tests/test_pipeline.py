@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_operator.artifacts import StorageOptions, open_store, read_manifest, read_progress
+from rlhf_api import metric_keys
+from rlhf_api.artifacts import StorageOptions, open_store, read_manifest, read_progress
+from rlhf_api.phases import PipelinePhase, StagePhase
+from rlhf_api.spec import Stage
+from rlhf_api.stage_config import build_stage_config
 from rlhf_operator.loading import parse_pipeline
-from rlhf_operator.plan import PipelinePhase, StagePhase
 from rlhf_operator.runner import LocalRunner
-from rlhf_operator.spec import Stage
-from rlhf_operator.stage_config import build_stage_config
 from rlhf_trainer.stages.evaluate import rm_pair_accuracy
 
 pytestmark = pytest.mark.slow
@@ -71,6 +72,9 @@ def test_pipeline_on_s3_runs_then_rerun_skips(tiny_model_dir, s3_env, s3_server,
         assert "torch" in manifest.library_versions
     assert first.reports[Stage.PPO].phase is StagePhase.SKIPPED
 
+    for stage in (Stage.SFT, Stage.PREFERENCES, Stage.REWARD):  # what the runner's summary and the status read
+        assert {key for key, _ in metric_keys.HEADLINES[stage]} <= set(first.reports[stage].metrics), stage
+    assert metric_keys.SFT + metric_keys.JUDGE_MEAN in first.reports[Stage.EVALUATE].metrics
     reward = first.reports[Stage.REWARD].metrics
     assert reward["train_pairs"] + reward["eval_pairs"] >= 4 and 0.0 <= reward["eval_accuracy"] <= 1.0
     sft = first.reports[Stage.SFT].metrics

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from rlhf_api.phases import PipelinePhase, StagePhase
+from rlhf_api.spec import RLHFPipelineSpec, Stage
 from rlhf_operator.plan import (
     Observed,
-    PipelinePhase,
     StageObservation,
-    StagePhase,
     StartStage,
     SuspendStage,
     plan,
     stages_to_run,
 )
-from rlhf_operator.spec import RLHFPipelineSpec, Stage
 
 S, P, R, O, E = Stage.SFT, Stage.PREFERENCES, Stage.REWARD, Stage.PPO, Stage.EVALUATE
 DATA = {"uri": "builtin://movie-reviews/sft"}

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from rlhf_operator.spec import ModelSpec, PPOSpec
+from rlhf_api.spec import ModelSpec, PPOSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.generation import encode_prompts, sample_responses
+from rlhf_trainer.modeling import response_logprobs
 from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo import distributed
-from rlhf_trainer.ppo.forward import response_logprobs
 from rlhf_trainer.ppo.models import load_models
 from rlhf_trainer.ppo.rollout import episode_generators
 from rlhf_trainer.ppo.trainer import PPOTrainer
@@ -288,7 +288,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_in
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_backward_pass(ppo_inputs, lora):
-    from rlhf_trainer.ppo.forward import response_values
+    from rlhf_trainer.ppo.models import response_values
 
     runs = []
     for checkpointing in (False, True):

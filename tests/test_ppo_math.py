@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from rlhf_operator.spec import PPOGuardrails
+from rlhf_api.spec import PPOGuardrails
 from rlhf_trainer.generation import sample_tokens
+from rlhf_trainer.modeling import logprobs_and_entropy
 from rlhf_trainer.ppo.experience import Rollout
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
     gae,
     kl_per_token,
-    logprobs_and_entropy,
     masked_mean,
     masked_var,
     masked_whiten,

@@ -15,15 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_operator.artifacts import StorageOptions, open_store, read_manifest
+from rlhf_api import entrypoint, metric_keys
+from rlhf_api.artifacts import StorageOptions, open_store, read_manifest
+from rlhf_api.entrypoint import EXIT_PREEMPTED
+from rlhf_api.metric_keys import GUARDRAILS
+from rlhf_api.spec import ModelSpec, Stage
+from rlhf_api.stage_config import build_stage_config
 from rlhf_operator.loading import parse_pipeline
-from rlhf_operator.spec import ModelSpec, Stage
-from rlhf_operator.stage_config import build_stage_config
 from rlhf_trainer import models as hf_models
 
 pytestmark = pytest.mark.slow
 
-EXIT_PREEMPTED = 143
+
 NOT_COMPARED = ("time/", "throughput/", "lr/")  # wall-clock figures, and the learning rates
 # Clip fractions count threshold decisions, one per response token and PPO epoch. A token sitting on a clip
 # boundary can fall on either side in two processes whose sums differ in the last bit; one such flip was seen in
@@ -64,8 +67,7 @@ def output_dir(config: Path) -> Path:
 
 
 def trainer_environment(**env: str) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1", **env}
+    return {**os.environ, **entrypoint.TRAINER_ENV, **env}
 
 
 def rlhf_train(config: Path, workspace: Path, **env: str) -> subprocess.Popen:
@@ -97,7 +99,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     manifest = read_manifest(out.as_uri(), open_store(out.as_uri(), StorageOptions()))
     assert manifest is not None and manifest.stage == "ppo"  # published, manifest last
     assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl"} <= {f.path for f in manifest.files}
-    assert {"rm_score", "kl", "gold_score"} <= set(manifest.metrics) and manifest.metrics["steps"] == 6
+    headline = {key for key, _ in metric_keys.HEADLINES[Stage.PPO]} | set(map(metric_keys.guardrail, GUARDRAILS))
+    assert headline | {"gold_score"} <= set(manifest.metrics) and manifest.metrics["steps"] == 6
     expected = steps(out / "metrics.jsonl")
     assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
     assert "ppo: checkpoint checkpoint-4 stored" in output  # and deleted once the output was published
@@ -105,8 +108,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     # the live progress the operator shows while the stage runs: the last step's headline metrics
     live = json.loads((out / "progress.json").read_text())
     assert live["step"] == 6 and live["totalSteps"] == 6
-    assert live["metrics"]["rm_score"] == pytest.approx(expected[-1]["objective/rm_score"], abs=1e-5)
-    assert live["metrics"]["kl"] == pytest.approx(expected[-1]["objective/kl"], abs=1e-5)
+    assert live["metrics"][metric_keys.RM_SCORE] == pytest.approx(expected[-1]["objective/rm_score"], abs=1e-5)
+    assert live["metrics"][metric_keys.KL] == pytest.approx(expected[-1]["objective/kl"], abs=1e-5)
 
     config = stage_config(artifacts, tmp_path / "b", "interrupted", **settings)
     workspace = tmp_path / "b" / "ws"

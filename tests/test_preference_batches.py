@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from rlhf_operator.spec import ModelSpec
+from rlhf_api.spec import ModelSpec
 from rlhf_trainer.preference_batches import (
     DistinctResponseCollator,
     PromptGroupedSampler,
@@ -70,7 +70,7 @@ def test_shared_prefixes_group_a_prompts_answers_and_leave_each_sequence_a_token
 def test_scores_read_through_shared_prefixes_equal_the_classifiers_own_and_so_do_gradients(tiny_model_dir, lora):
     from peft import get_peft_model
 
-    from rlhf_operator.spec import LoraSpec
+    from rlhf_api.spec import LoraSpec
     from rlhf_trainer.models import load_sequence_classifier, load_tokenizer, lora_config
     from rlhf_trainer.padding import right_pad
 

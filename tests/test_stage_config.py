@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from rlhf_api.spec import Stage
+from rlhf_api.stage_config import build_stage_config
 from rlhf_operator.loading import parse_pipeline
-from rlhf_operator.spec import Stage
-from rlhf_operator.stage_config import build_stage_config
 
 ROOT = "s3://bucket/runs"
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from rlhf_operator.spec import ModelSpec, RewardSpec, SFTSpec
+from rlhf_api.spec import ModelSpec, RewardSpec, SFTSpec
 from rlhf_trainer import models as trainer_models
 from rlhf_trainer.cli import main as train_main
 from rlhf_trainer.data import builtin_dataset_path, read_rows, require_fields
@@ -16,9 +16,9 @@ from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import Sample
 from rlhf_trainer.hf_training import training_args
 from rlhf_trainer.judges import make_judge
+from rlhf_trainer.modeling import sequences
 from rlhf_trainer.models import load_tokenizer, quantization_config
 from rlhf_trainer.padding import group_rows, index_batches
-from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.stages.evaluate import mean_kl_per_token, rm_pair_accuracy, win_rate
 from rlhf_trainer.stages.preferences import make_pairs
 from rlhf_trainer.stages.reward import margin, score_std
@@ -130,7 +130,7 @@ def test_sample_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
 
 def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_dir):
     """The stages' sampler (preferences, evaluate): one generator per answer, so batching changes nothing."""
-    from rlhf_operator.spec import GenerationSpec
+    from rlhf_api.spec import GenerationSpec
     from rlhf_trainer.generation import sample
     from rlhf_trainer.models import load_causal_lm
 
@@ -153,7 +153,7 @@ def test_sampled_answers_depend_on_seed_and_index_not_on_the_batch(tiny_model_di
 
 def test_sampling_runs_one_forward_pass_per_sampled_token(tiny_model_dir):
     """The prompt's pass samples the first token, each cached pass the next: none for a token never sampled."""
-    from rlhf_operator.spec import GenerationSpec
+    from rlhf_api.spec import GenerationSpec
     from rlhf_trainer.generation import sample
     from rlhf_trainer.models import load_causal_lm
 
@@ -211,7 +211,7 @@ def test_distinct_rows_find_repeated_prompts_with_their_padding():
 def test_a_batch_decodes_a_repeated_prompt_once_and_drops_rows_that_stopped(tiny_model_dir):
     """Each answer equals the one its row samples alone, while the passes shrink: one prompt pass per distinct
     prompt, and a row that sampled the stop token is in no later pass."""
-    from rlhf_operator.spec import GenerationSpec
+    from rlhf_api.spec import GenerationSpec
     from rlhf_trainer.generation import encode_prompts, sample_responses
     from rlhf_trainer.models import load_causal_lm
     from rlhf_trainer.padding import left_pad
@@ -252,7 +252,7 @@ def test_a_batch_decodes_a_repeated_prompt_once_and_drops_rows_that_stopped(tiny
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, temperature):
     """The evaluate stage reads the policy's log-probabilities from its sampling pass, not a second forward pass."""
-    from rlhf_operator.spec import GenerationSpec
+    from rlhf_api.spec import GenerationSpec
     from rlhf_trainer.generation import sample
     from rlhf_trainer.models import load_causal_lm
     from rlhf_trainer.stages.evaluate import sample_logprobs
@@ -274,8 +274,8 @@ def test_sampled_logprobs_equal_a_forward_pass_over_the_answers(tiny_model_dir, 
 def test_cpu_sft_loss_over_the_scored_positions_equals_trls_fused_loss_and_so_do_gradients(tiny_model_dir, tmp_path,
                                                                                            bf16):
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
 
     from rlhf_trainer.stages.sft import completion_logits_trainer
 
@@ -386,8 +386,8 @@ def test_a_new_score_head_starts_at_zero_and_a_trained_one_is_kept(tiny_model_di
 
 
 def test_reward_input_ids_match_trl_tokenization(tiny_model_dir):
-    from trl.trainer.reward_trainer import RewardTrainer  # noqa: F401  (TRL is what we must agree with)
     from transformers import AutoTokenizer
+    from trl.trainer.reward_trainer import RewardTrainer  # noqa: F401  (TRL is what we must agree with)
 
     from rlhf_trainer.reward_scoring import reward_input_ids
 
@@ -448,9 +448,10 @@ def test_parquet_rows(tmp_path):
 
 
 def test_rlhf_train_exit_codes(tmp_path, capsys):
+    from rlhf_api.entrypoint import EXIT_CONFIG_ERROR
+    from rlhf_api.spec import Stage
+    from rlhf_api.stage_config import build_stage_config
     from rlhf_operator.loading import parse_pipeline
-    from rlhf_operator.spec import Stage
-    from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, build_stage_config
 
     doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
                           "metadata": {"name": "x"},

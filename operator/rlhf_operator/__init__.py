@@ -1,7 +1,7 @@
-"""rlhf-operator's control plane: the RLHFPipeline spec, the stage state machine, the artifact store,
-the local runner and (with the ``operator`` extra) the kopf controller.
+"""rlhf-operator's executors: the pipeline's state machine (``plan``), the local runner and the ``rlhf`` CLI, and
+(with the ``operator`` extra) the kopf controller. The API they execute is :mod:`rlhf_api`.
 
-Nothing imported here pulls in torch or kopf, so the trainer image and the operator image can both use it.
+Nothing imported here pulls in torch; kopf only under ``rlhf_operator.controller``.
 """
 
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from rlhf_api.phases import PipelinePhase
 from rlhf_operator.loading import SpecError, load_pipeline
-from rlhf_operator.plan import PipelinePhase
 
 EXIT_INVALID = 2
 DEFAULT_PIPELINE = Path("examples/demo.yaml")

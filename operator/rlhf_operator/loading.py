@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rlhf_operator.spec import RLHFPipeline, RLHFPipelineSpec, camel_path
+from rlhf_api.spec import RLHFPipeline, RLHFPipelineSpec, camel_path
 
 
 class SpecError(Exception):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rlhf_operator.cache import cache_root
+from rlhf_api.cache import cache_root
 
 LIBRARY = "libtcmalloc_minimal.so.4"
 SYSTEM_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")

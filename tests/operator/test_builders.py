@@ -7,14 +7,15 @@ import datetime as dt
 
 import pytest
 
+from rlhf_api.phases import PipelinePhase
+from rlhf_api.spec import Stage
+from rlhf_api.status import PipelineStatus
 from rlhf_operator.controller import names
 from rlhf_operator.controller.conditions import StageFacts, build_status, transitions
 from rlhf_operator.controller.manifests import build_stage, config_json
 from rlhf_operator.controller.observe import JobPhase, job_state, observation
 from rlhf_operator.loading import parse_pipeline
-from rlhf_operator.plan import Observed, PipelinePhase, StageObservation, plan
-from rlhf_operator.spec import Stage
-from rlhf_operator.status import PipelineStatus
+from rlhf_operator.plan import Observed, StageObservation, plan
 
 UID = "0b6f1f7e-2f4c-4d59-9a43-5d1d7c2a0001"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from operator_harness import CHART, CRD_FILE, helm, render_chart
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from kubernetes import client
-
 from operator_harness import (
     GROUP,
     PLURAL,

@@ -8,13 +8,11 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import boto3
 import pytest
 from botocore.config import Config
 from kubernetes import client
-
 from operator_harness import (
     GROUP,
     PLURAL,

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_operator.cache import cache_root
+from rlhf_api.cache import cache_root
 from rlhf_trainer.errors import ConfigError
 
 

@@ -1,9 +1,7 @@
 """``rlhf-train STAGE --config FILE``: the one entrypoint of the trainer image.
 
-The local runner starts it as a subprocess and the operator as a Job's command; both read its exit code:
-0 done (manifest published), 78 configuration error and 79 corrupted input (retrying cannot help), 143 on
-SIGTERM after checkpointing, anything else may be retried. The final metrics go to stdout as one JSON line
-and, in a pod, to the termination message (``/dev/termination-log``, under 4 KB).
+The local runner starts it as a subprocess and the operator as a Job's command. What it is given and what it
+answers with (exit codes, environment, the termination message) is :mod:`rlhf_api.entrypoint`.
 """
 
 from __future__ import annotations
@@ -20,20 +18,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rlhf_operator.artifacts import ChecksumError, StoreError, publish
-from rlhf_operator.spec import Stage
-from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, StageConfig
+from rlhf_api import entrypoint
+from rlhf_api.artifacts import ChecksumError, StoreError, publish
+from rlhf_api.entrypoint import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, EXIT_PREEMPTED
+from rlhf_api.spec import Stage
+from rlhf_api.stage_config import StageConfig
 from rlhf_trainer.errors import ConfigError, Preempted
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report
-TERMINATION_LOG = Path(os.environ.get("RLHF_TERMINATION_LOG", "/dev/termination-log"))
 IMPLEMENTED = {Stage.SFT, Stage.PREFERENCES, Stage.REWARD, Stage.PPO, Stage.EVALUATE}
 
 
 def load_config(path: str | None, stage: Stage) -> StageConfig:
-    raw = Path(path).read_text() if path else os.environ.get("RLHF_STAGE_CONFIG")
+    raw = Path(path).read_text() if path else os.environ.get(entrypoint.STAGE_CONFIG_ENV)
     if raw is None:
-        raise ConfigError("no stage config: pass --config FILE or set RLHF_STAGE_CONFIG")
+        raise ConfigError(f"no stage config: pass --config FILE or set {entrypoint.STAGE_CONFIG_ENV}")
     try:
         config = StageConfig.model_validate_json(raw)
     except ValidationError as err:
@@ -45,7 +43,7 @@ def load_config(path: str | None, stage: Stage) -> StageConfig:
 
 def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     """Run one stage in ``workspace`` and publish its output with the manifest last. Returns the metrics."""
-    from rlhf_trainer.onednn_linear import onednn_linear, onednn_preferred
+    from rlhf_trainer.accelerations.onednn_linear import onednn_linear, onednn_preferred
     from rlhf_trainer.workspace import Workspace
 
     if config.stage not in IMPLEMENTED:
@@ -74,11 +72,13 @@ def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     return metrics
 
 
-def write_termination_message(payload: dict[str, Any]) -> None:
-    if TERMINATION_LOG.parent.is_dir() and (TERMINATION_LOG.exists() or os.environ.get("RLHF_TERMINATION_LOG")):
-        text = json.dumps(payload)[:4000]
+def write_termination_message(message: str) -> None:
+    """The report for the pod's status (written only where a termination log exists, or one is named)."""
+    named = os.environ.get(entrypoint.TERMINATION_LOG_ENV)
+    path = Path(named or entrypoint.TERMINATION_LOG)
+    if path.parent.is_dir() and (path.exists() or named):
         try:
-            TERMINATION_LOG.write_text(text)
+            path.write_text(message)
         except OSError:
             pass
 
@@ -86,8 +86,9 @@ def write_termination_message(payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=[s.value for s in Stage])
-    parser.add_argument("--config", help="stage config JSON file (default: the RLHF_STAGE_CONFIG variable)")
-    parser.add_argument("--workspace", help="local working folder (default: RLHF_WORKSPACE or a temp folder)")
+    parser.add_argument("--config", help=f"stage config JSON file (default: ${entrypoint.STAGE_CONFIG_ENV})")
+    parser.add_argument("--workspace",
+                        help=f"local working folder (default: ${entrypoint.WORKSPACE_ENV} or a temp folder)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, touch nothing, exit 0")
     args = parser.parse_args(argv)
     stage = Stage(args.stage)
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps({"stage": stage.value, "dryRun": True, "output": config.output_uri}))
             return 0
-        workspace = args.workspace or os.environ.get("RLHF_WORKSPACE")
+        workspace = args.workspace or os.environ.get(entrypoint.WORKSPACE_ENV)
         if workspace:
             metrics = run_stage(config, Path(workspace))
         else:
@@ -105,22 +106,22 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = run_stage(config, Path(tmp))
     except ConfigError as err:
         print(f"rlhf-train {stage.value}: configuration error: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.value, "error": str(err)})
+        write_termination_message(entrypoint.termination_message(stage, error=str(err)))
         return EXIT_CONFIG_ERROR
     except ChecksumError as err:
         print(f"rlhf-train {stage.value}: corrupted input: {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.value, "error": str(err)})
+        write_termination_message(entrypoint.termination_message(stage, error=str(err)))
         return EXIT_INTEGRITY_ERROR
     except StoreError as err:
         print(f"rlhf-train {stage.value}: storage error (will be retried): {err}", file=sys.stderr)
-        write_termination_message({"stage": stage.value, "error": str(err)})
+        write_termination_message(entrypoint.termination_message(stage, error=str(err)))
         return 1
     except Preempted as err:
         print(f"rlhf-train {stage.value}: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
 
     print(json.dumps({"stage": stage.value, "metrics": metrics}))
-    write_termination_message({"stage": stage.value, "metrics": metrics})
+    write_termination_message(entrypoint.termination_message(stage, metrics=metrics))
     return 0
 
 

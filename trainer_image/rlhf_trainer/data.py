@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator.spec import DatasetRef
+from rlhf_api.spec import DatasetRef
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.workspace import Workspace
 

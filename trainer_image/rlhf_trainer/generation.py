@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_operator.spec import GenerationSpec
-from rlhf_trainer.decoding_weights import decoding_weights
+from rlhf_api.spec import GenerationSpec
+from rlhf_trainer.accelerations.decoding_weights import decoding_weights
+from rlhf_trainer.modeling import logit_scale
 from rlhf_trainer.padding import left_pad, position_ids
 from rlhf_trainer.seeding import generator
 
@@ -56,18 +57,13 @@ def format_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> str:
     return prompt
 
 
-def logit_scale(temperature: float) -> float:
-    """What sampling at ``temperature`` divides the logits by: the temperature, or 1 for greedy decoding (0)."""
-    return temperature if temperature > 0 else 1.0
-
-
 @contextmanager
 def eval_mode(model: Any) -> Iterator[None]:
     """``model`` in evaluation mode for the duration, its own mode restored after: how a trained model decodes.
 
     Detail: transformers checkpoints activations (``gradientCheckpointing``) only in training mode, and there
-    it drops the KV cache; the trainers turn dropout off anyway (:func:`rlhf_trainer.ppo.models.disable_dropout`),
-    so for decoding evaluation mode changes nothing else.
+    it drops the KV cache; PPO turns dropout off in its models anyway, so for decoding evaluation mode changes
+    nothing else.
     """
     training = model.training
     model.eval()
@@ -136,7 +132,7 @@ def sample_responses(
         gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
         stop_token_id: a row stops after sampling it.
         pad_token_id: fills a row after it stopped.
-        generators: one per row (PPO: :func:`rlhf_trainer.ppo.rollout.episode_generators`).
+        generators: one per row (PPO's: one per episode, seeded by the episode's index).
         interrupted: checked before each token; when it returns true, sampling stops early (the caller discards
             the partial responses: SIGTERM should not wait for a whole generation).
 
@@ -230,7 +226,7 @@ def sample(
     """One sampled response per prompt (repeat a prompt to get several), in the prompts' order, ending at EOS.
 
     The i-th prompt's response draws from a generator seeded by ``(seed, "sample", i)``. The model's linear layers
-    decode from copies of their weights made once for the call (:func:`rlhf_trainer.decoding_weights`).
+    decode from copies of their weights made once for the call (:func:`rlhf_trainer.accelerations.decoding_weights`).
     """
     device = next(model.parameters()).device
     stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

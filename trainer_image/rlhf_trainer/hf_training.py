@@ -1,8 +1,8 @@
 """What the SFT and reward stages share around a transformers/TRL Trainer.
 
 * ``training_args``: the spec's TrainingArgs as TRL config keyword arguments.
-* ``StoreCheckpoints``: mirrors every Trainer checkpoint to ``<output>/checkpoints/`` in the store and writes
-  ``checkpoints/latest.json`` after it, so a new attempt (another pod, a rerun) resumes from it.
+* ``CheckpointsToStore``: mirrors every Trainer checkpoint to the store and points ``checkpoints/latest.json`` at
+  it (:mod:`rlhf_trainer.checkpoints`), so a new attempt (another pod, a rerun) resumes from it.
 * ``StopOnSigterm``: on SIGTERM (preemption, pod deletion) the Trainer saves a checkpoint at the end of the
   current step and stops; the CLI then exits with a retryable code.
 * ``NoCheckpointAfterLastStep``: no checkpoint of the finished run (the stage publishes its output next).
@@ -19,13 +19,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from rlhf_operator.artifacts import join_uri, publish, read_manifest, fetch
-from rlhf_operator.spec import TrainingArgs
+from rlhf_api.spec import TrainingArgs
 from rlhf_trainer import progress
+from rlhf_trainer.checkpoints import StageCheckpoints
 from rlhf_trainer.errors import Preempted
 from rlhf_trainer.workspace import Workspace
-
-LATEST = "latest.json"
 
 
 def seed_before_loading(seed: int) -> None:
@@ -77,45 +75,29 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class StoreCheckpoints(TrainerCallback):
-    """Publish each saved checkpoint to the store (with its own manifest), then point latest.json at it."""
+class CheckpointsToStore(TrainerCallback):
+    """Publish each checkpoint the Trainer saves to the store (with its own manifest), then point latest.json at
+    it."""
 
     def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
+        self.checkpoints = StageCheckpoints(ws)
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-        if not state.is_world_process_zero:
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"  # the Trainer's own folder name
+        if not state.is_world_process_zero or not local.is_dir():
             return
-        name = f"checkpoint-{state.global_step}"
-        local = Path(args.output_dir) / name
-        if not local.is_dir():
-            return
-        store = self.ws.output_store
-        publish(local, join_uri(self.ws.checkpoints_uri, name), store, stage=self.ws.config.stage.value,
-                config_digest=self.ws.config.digest, metrics={"global_step": state.global_step})
-        pointer_uri = join_uri(self.ws.checkpoints_uri, LATEST)
-        previous = json.loads(store.read_bytes(pointer_uri)) if store.exists(pointer_uri) else None
-        pointer = {"checkpoint": name, "global_step": state.global_step, "config_digest": self.ws.config.digest}
-        store.write_bytes(pointer_uri, json.dumps(pointer).encode())
-        if previous and previous.get("checkpoint") != name and not self.ws.config.storage.keep_checkpoints:
-            store.delete_prefix(join_uri(self.ws.checkpoints_uri, previous["checkpoint"]))  # one resume point
+        self.checkpoints.publish(local, state.global_step)
+        self.checkpoints.point_to(state.global_step)
 
 
 def restore_checkpoint(ws: Workspace) -> str | None:
-    """Download the latest stored checkpoint of this stage (same config digest) and return its local path."""
-    store = ws.output_store
-    pointer_uri = join_uri(ws.checkpoints_uri, LATEST)
-    if not store.exists(pointer_uri):
-        return None
-    pointer = json.loads(store.read_bytes(pointer_uri))
-    if pointer.get("config_digest") != ws.config.digest:
-        return None  # made with other settings: start over
-    uri = join_uri(ws.checkpoints_uri, pointer["checkpoint"])
-    if read_manifest(uri, store) is None:
-        return None
-    local = ws.checkpoints_dir / pointer["checkpoint"]
-    fetch(uri, local, store)
-    print(f"resuming {ws.config.stage.value} from {uri} (step {pointer['global_step']})", flush=True)
+    """Download the latest stored checkpoint of this stage (made with this config) and return its local path."""
+    checkpoints = StageCheckpoints(ws)
+    pointer = checkpoints.latest()
+    local = ws.checkpoints_dir / pointer.checkpoint if pointer else None
+    if pointer is None or not checkpoints.fetch(pointer, local):
+        return None  # none, or made with other settings: start over
+    print(f"resuming {ws.config.stage.value} from {checkpoints.describe(pointer)}", flush=True)
     return str(local)
 
 
@@ -172,7 +154,7 @@ class JsonlLog(TrainerCallback):
 
 def stage_callbacks(ws: Workspace, stopper: StopOnSigterm, log: Path) -> list[TrainerCallback]:
     """A stage's Trainer callbacks in the order they must run: each sees the controls the ones before it set."""
-    return [StoreCheckpoints(ws), NoCheckpointAfterLastStep(), stopper, JsonlLog(log, ws)]
+    return [CheckpointsToStore(ws), NoCheckpointAfterLastStep(), stopper, JsonlLog(log, ws)]
 
 
 def train_with_resume(trainer: Any, ws: Workspace, stopper: StopOnSigterm) -> Any:

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from rlhf_operator.spec import LoraSpec, ModelSpec
-from rlhf_trainer.cpu import cpu_flags
+from rlhf_api.spec import LoraSpec, ModelSpec
+from rlhf_trainer.accelerations.cpu import cpu_flags
 from rlhf_trainer.errors import ConfigError
 
 PAD_TOKEN = "<|pad|>"

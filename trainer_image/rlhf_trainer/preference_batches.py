@@ -35,8 +35,8 @@ import torch
 from trl import RewardTrainer
 
 from rlhf_trainer import seeding
+from rlhf_trainer.modeling import transformers_model
 from rlhf_trainer.padding import group_rows, right_pad
-from rlhf_trainer.ppo.forward import transformers_model
 from rlhf_trainer.shared_prefix import PREFIX_KEYS, shared_prefix_scores, shared_prefixes
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from rlhf_operator.artifacts import Progress, StoreError, publish_progress
+from rlhf_api.artifacts import Progress, StoreError, publish_progress
 from rlhf_trainer.workspace import Workspace
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from rlhf_trainer.modeling import transformers_model
 from rlhf_trainer.padding import left_pad, position_ids, right_pad
-from rlhf_trainer.ppo.forward import transformers_model
 
 PREFIX_KEYS = ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "prefix_rows")  # what shared_prefixes returns
 

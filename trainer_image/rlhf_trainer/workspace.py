@@ -13,16 +13,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_operator.artifacts import (
+from rlhf_api.artifacts import (
     NotFoundError,
-    StorageOptions,
     Store,
     fetch,
-    join_uri,
     open_store,
     read_manifest,
 )
-from rlhf_operator.stage_config import InputRef, StageConfig
+from rlhf_api.artifacts.checkpoints import checkpoints_uri
+from rlhf_api.stage_config import InputRef, StageConfig, storage_options
 from rlhf_trainer.errors import ConfigError
 
 
@@ -46,17 +45,13 @@ class Workspace:
 
     @property
     def checkpoints_uri(self) -> str:
-        return join_uri(self.config.output_uri, "checkpoints")
+        return checkpoints_uri(self.config.output_uri)
 
     def store_for(self, uri: str) -> Store:
         """The store that holds ``uri`` (one client per scheme and bucket, reused)."""
         scheme = uri.split("://", 1)[0]
         if scheme not in self._stores:
-            storage = self.config.storage
-            options = StorageOptions(
-                endpoint=storage.endpoint, region=storage.region, addressing_style=storage.addressing_style
-            )
-            self._stores[scheme] = open_store(uri, options)
+            self._stores[scheme] = open_store(uri, storage_options(self.config.storage))
         return self._stores[scheme]
 
     @property

@@ -2,14 +2,14 @@
 (currentStage, reward, kl) and the standard conditions, plus the Events that the change from the previous
 status calls for. Pure: time comes in as an argument.
 
-Conditions (``rlhf_operator.status.ConditionType``), each kept with its ``lastTransitionTime`` while its status
+Conditions (``rlhf_api.status.ConditionType``), each kept with its ``lastTransitionTime`` while its status
 does not change, and stamped with the generation it was computed from:
 
 * Ready: True once every stage is done;
 * Progressing: True while a stage runs or is about to start;
 * Degraded: True when a stage failed for good (the spec must change for it to run again);
 * Stalled: True when the running stage published no new step for ``stall_after_s`` seconds;
-* RewardHackingSuspected: True when PPO's ``guardrail/reward_hacking_suspected`` flag is set (other fired
+* RewardHackingSuspected: True when PPO's reward-hacking guardrail (:mod:`rlhf_api.metric_keys`) fired (other fired
   guardrails are named in the message).
 """
 
@@ -19,17 +19,14 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf_api import metric_keys
+from rlhf_api.phases import PipelinePhase, Reason, StagePhase, parse_time, rfc3339
+from rlhf_api.spec import STAGE_ORDER, Stage
+from rlhf_api.status import Condition, ConditionType, PipelineStatus, StageProgress, StageStatus
 from rlhf_operator.controller.observe import JobState
-from rlhf_operator.plan import PipelinePhase, Plan, StagePhase
-from rlhf_operator.spec import STAGE_ORDER, Stage
-from rlhf_operator.status import Condition, ConditionType, PipelineStatus, Reason, StageProgress, StageStatus
+from rlhf_operator.plan import Plan
 
 MAX_STAGE_METRICS = 24
-GUARDRAIL_PREFIX = "guardrail/"
-REWARD_HACKING = "guardrail/reward_hacking_suspected"
-#: where the printer columns' reward and KL come from, first found wins
-REWARD_KEYS = ((Stage.PPO, "rm_score"), (Stage.EVALUATE, "policy/rm_mean"))
-KL_KEYS = ((Stage.PPO, "kl"), (Stage.EVALUATE, "policy/kl_per_token"))
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,6 @@ class EventSpec:
     type: str  # Normal | Warning
     reason: str
     message: str
-
-
-def rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -174,9 +161,9 @@ def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: Pipel
                                  stamp))
 
     ppo_metrics = stages[Stage.PPO].metrics
-    fired = sorted(k.removeprefix(GUARDRAIL_PREFIX) for k, v in ppo_metrics.items()
-                   if k.startswith(GUARDRAIL_PREFIX) and v)
-    hacking = bool(ppo_metrics.get(REWARD_HACKING))
+    fired = sorted(k.removeprefix(metric_keys.GUARDRAIL_PREFIX) for k, v in ppo_metrics.items()
+                   if k.startswith(metric_keys.GUARDRAIL_PREFIX) and v)
+    hacking = bool(ppo_metrics.get(metric_keys.REWARD_HACKING))
     conditions.append(_condition(
         ConditionType.REWARD_HACKING_SUSPECTED, hacking,
         Reason.GUARDRAIL_FIRED if fired else Reason.NO_GUARDRAIL,
@@ -186,8 +173,8 @@ def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: Pipel
     return PipelineStatus(
         phase=phase,
         current_stage=current.value if current is not None else None,
-        reward=_headline(stages, REWARD_KEYS),
-        kl=_headline(stages, KL_KEYS),
+        reward=_headline(stages, metric_keys.REWARD_COLUMN),
+        kl=_headline(stages, metric_keys.KL_COLUMN),
         message=message,
         observed_generation=generation,
         stages=list(stages.values()),
@@ -226,7 +213,7 @@ def transitions(previous: PipelineStatus, new: PipelineStatus) -> list[EventSpec
         elif phase is PipelinePhase.SUSPENDED:
             events.append(EventSpec("Normal", Reason.SUSPENDED, new.message))
         elif phase is PipelinePhase.RUNNING and old_phase is PipelinePhase.SUSPENDED:
-            events.append(EventSpec("Normal", "Resumed", "spec.suspend was cleared: the pipeline runs again"))
+            events.append(EventSpec("Normal", Reason.RESUMED, "spec.suspend was cleared: the pipeline runs again"))
         elif phase is PipelinePhase.FAILED:
             events.append(EventSpec("Warning", Reason.STAGE_FAILED, new.message))
     return events

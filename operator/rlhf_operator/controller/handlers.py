@@ -17,10 +17,10 @@ from typing import Any
 
 import kopf
 
+from rlhf_api.spec import GROUP, PLURAL, VERSION
 from rlhf_operator.controller import names
 from rlhf_operator.controller.reconcile import Reconciler, RetryLater
 from rlhf_operator.plan import PipelinePhase
-from rlhf_operator.spec import GROUP, PLURAL, VERSION
 
 RETRY_DELAY_S = 5.0
 FINALIZER = f"{GROUP}/artifacts"

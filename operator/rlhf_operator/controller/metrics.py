@@ -83,7 +83,7 @@ class Metrics:
             self.stage_durations.observe((("stage", stage), ("outcome", outcome)), seconds)
 
     def render(self) -> str:
-        from rlhf_operator.plan import PipelinePhase
+        from rlhf_api.phases import PipelinePhase
 
         with self._lock:
             by_phase = {phase.value: 0 for phase in PipelinePhase}

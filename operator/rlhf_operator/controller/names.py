@@ -21,7 +21,7 @@ import hashlib
 import json
 from typing import Any
 
-from rlhf_operator.spec import GROUP, Stage
+from rlhf_api.spec import GROUP, Stage
 
 MANAGED_BY = "rlhf-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -16,10 +16,10 @@ reconciler checks it): the manifest is the source of truth.
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_api import entrypoint
 from rlhf_operator.controller import names
 from rlhf_operator.plan import Observed, StageObservation
 
@@ -68,8 +68,8 @@ def _first_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def termination_error(pods: list[dict[str, Any]]) -> str:
-    """The last failed trainer container's own account of the failure (rlhf-train writes
-    ``{"stage", "error"}`` to its termination message), or ''."""
+    """The last failed trainer container's own account of the failure (its termination message,
+    :func:`rlhf_api.entrypoint.reported_error`; else the last line of its log), or ''."""
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: p["metadata"].get("creationTimestamp") or "")
     for pod in reversed(failed):
@@ -78,12 +78,11 @@ def termination_error(pods: list[dict[str, Any]]) -> str:
             message = (terminated.get("message") or "").strip()
             if not message:
                 continue
-            try:
-                payload = json.loads(message)
-            except ValueError:
+            reported = entrypoint.reported_error(message)
+            if reported is not None:
+                return reported[:300]
+            if not message.startswith("{"):  # FallbackToLogsOnError: the tail of the log
                 return message.splitlines()[-1][:300]
-            if isinstance(payload, dict) and payload.get("error"):
-                return str(payload["error"])[:300]
     return ""
 
 

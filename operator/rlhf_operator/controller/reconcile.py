@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -23,20 +22,23 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from rlhf_operator.artifacts import (
+from rlhf_api.artifacts import (
     NotFoundError,
-    StorageOptions,
     Store,
     StoreError,
     is_complete,
-    join_uri,
     manifest_uri,
     open_store,
     read_manifest,
     read_progress,
 )
+from rlhf_api.artifacts.checkpoints import read_pointer
+from rlhf_api.phases import PipelinePhase, Reason, StagePhase, parse_time, rfc3339
+from rlhf_api.spec import STAGE_ORDER, RLHFPipeline, Stage
+from rlhf_api.stage_config import pipeline_prefix, pipeline_ref, storage_options
+from rlhf_api.status import Condition, ConditionType, PipelineStatus
 from rlhf_operator.controller import names
-from rlhf_operator.controller.conditions import EventSpec, StageFacts, build_status, parse_time, transitions
+from rlhf_operator.controller.conditions import EventSpec, StageFacts, build_status, transitions
 from rlhf_operator.controller.kube import Kube
 from rlhf_operator.controller.manifests import StageObjects, build_stage
 from rlhf_operator.controller.metrics import Metrics
@@ -44,21 +46,16 @@ from rlhf_operator.controller.observe import JobPhase, JobState, job_state, obse
 from rlhf_operator.loading import SpecError, parse_pipeline
 from rlhf_operator.plan import (
     Observed,
-    PipelinePhase,
     Plan,
     StageObservation,
-    StagePhase,
     StartStage,
     SuspendStage,
     plan,
     stages_to_run,
 )
-from rlhf_operator.spec import STAGE_ORDER, RLHFPipeline, Stage
-from rlhf_operator.status import Condition, ConditionType, PipelineStatus, Reason
 
 log = logging.getLogger("rlhf_operator.controller")
 STORE_CACHE_SIZE = 16
-CHECKPOINT_POINTER = "checkpoints/latest.json"  # {"checkpoint", "global_step", "config_digest"}
 
 
 class RetryLater(Exception):
@@ -131,10 +128,8 @@ class Reconciler:
         root = doc.spec.storage.uri
         if root is None:
             return 0
-        prefix = "/".join((root.rstrip("/"), doc.metadata.namespace, doc.metadata.name,
-                           build_stage_config_uid(doc)))
         try:
-            return self._store(doc).delete_prefix(prefix + "/")
+            return self._store(doc).delete_prefix(pipeline_prefix(root, pipeline_ref(doc)) + "/")
         except StoreError as exc:
             raise RetryLater(str(exc)) from exc
 
@@ -257,9 +252,9 @@ class Reconciler:
             progress = read_progress(uri, store, objects.config.digest)
             if progress is not None:
                 return {"step": progress.step, "metrics": progress.metrics}
-            pointer = json.loads(store.read_bytes(join_uri(uri, CHECKPOINT_POINTER)))
-            if pointer.get("config_digest") == objects.config.digest:
-                return {"step": int(pointer["global_step"])}
+            pointer = read_pointer(uri, store, objects.config.digest)
+            if pointer is not None:
+                return {"step": pointer.global_step}
         except NotFoundError:
             pass
         except (StoreError, ValueError, KeyError, TypeError, ApiException) as exc:
@@ -277,7 +272,7 @@ class Reconciler:
                 credentials = (data[ref.access_key_id_key], data[ref.secret_access_key_key])
             except KeyError as missing:
                 raise StoreError(f"Secret {doc.metadata.namespace}/{ref.name} has no key {missing}") from None
-        options = StorageOptions(storage.endpoint, storage.region, storage.addressing_style)
+        options = storage_options(storage)
         key = ((storage.uri or "").partition("://")[0], options, credentials)
         with self._stores_guard:
             store = self._stores.get(key)
@@ -340,7 +335,7 @@ class Reconciler:
         field-level problems in the message."""
         meta = body["metadata"]
         message = "the spec is invalid: " + "; ".join(err.problems)
-        stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = rfc3339(_now())
         old = {c.type: c for c in previous.conditions}
 
         def condition(kind: str, true: bool) -> Condition:
@@ -364,12 +359,6 @@ class Reconciler:
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
-
-
-def build_stage_config_uid(doc: RLHFPipeline) -> str:
-    from rlhf_operator.stage_config import short_uid
-
-    return short_uid(doc.metadata.uid)
 
 
 __all__ = ["EventSpec", "JobState", "Reconciler", "RetryLater"]

@@ -7,40 +7,11 @@ tensor refers to the ``t``-th response token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf_trainer.padding import left_pad, position_ids, right_pad
-
-
-@dataclass
-class Sequences:
-    """Prompts and responses, laid out as the forward passes (:mod:`rlhf_trainer.ppo.forward`) read them."""
-
-    queries: torch.Tensor  # (B, P) prompt ids, left-padded
-    query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
-    responses: torch.Tensor  # (B, R) response ids, padding after the stop token
-    mask: torch.Tensor  # (B, R) bool, true on response tokens (the stop token included)
-
-    def input_ids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt + response as one left-padded sequence.
-
-        Returns:
-            input_ids (B, P + R), attention_mask (B, P + R), position_ids (B, P + R).
-        """
-        ids = torch.cat([self.queries, self.responses], dim=1)
-        attention = torch.cat([self.query_mask, self.mask.to(self.query_mask.dtype)], dim=1)
-        return ids, attention, position_ids(attention)
-
-
-def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
-              device: torch.device | str = "cpu") -> Sequences:
-    """Token lists as :class:`Sequences` on ``device``: prompts left-padded, responses right-padded."""
-    queries, query_mask = left_pad(prompts, pad_token_id)
-    ids, mask = right_pad(responses, pad_token_id)
-    return Sequences(*(t.to(device) for t in (queries, query_mask, ids, mask.bool())))
+from rlhf_trainer.modeling import Sequences
 
 
 @dataclass

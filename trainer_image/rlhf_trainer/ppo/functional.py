@@ -75,55 +75,6 @@ def masked_whiten(
     return whitened * mask
 
 
-# ------------------------------------------------------------------------------ log-probs and entropy
-
-
-def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
-                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits)[token] at each position, and optionally the entropy of each position's distribution.
-
-    One ``log_softmax`` serves both: the entropy is read from the same (B, R, V) log-probabilities, without
-    gradient (it is a diagnostic, not part of the loss).
-
-    Args:
-        logits: (B, R, V), already divided by the sampling temperature.
-        tokens: (B, R) token ids.
-
-    Returns:
-        logprobs (B, R) float32; entropy (B, R) or None.
-    """
-    logprobs_all = torch.log_softmax(logits.float(), dim=-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logprobs(logprobs_all)
-    return gather_tokens(logprobs_all, tokens), entropy
-
-
-def gather_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The log-probability of each position's token from (B, R, V) log-probabilities.
-
-    Detail: ``log_softmax`` followed by this gather is one fused pass over the (B, R, V) logits forward and one
-    backward; ``logit[token] - logsumexp(logits)`` looks cheaper but makes four passes (max, subtract, exp,
-    sum), two of them writing a fresh (B, R, V) tensor, and more again in its backward pass.
-    """
-    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, ``-sum(p * log p)``, from its log-probabilities.
-
-    Args:
-        logprobs: (B, R, V) log-softmax output.
-
-    Returns:
-        (B, R).
-    """
-    # A batched dot product per position: no (B, R, V) product tensor.
-    flat = logprobs.reshape(-1, 1, logprobs.shape[-1])
-    return -torch.bmm(flat.exp(), flat.transpose(1, 2)).reshape(logprobs.shape[:-1])
-
-
 # ------------------------------------------------------------------------------- responses and rewards
 
 

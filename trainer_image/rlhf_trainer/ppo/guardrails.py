@@ -19,10 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from statistics import fmean, variance
 
-from rlhf_operator.spec import PPOGuardrails
-
-NAMES = ("kl_above_threshold", "reward_hacking_suspected", "length_collapse", "no_progress")
-
+from rlhf_api import metric_keys
+from rlhf_api.spec import PPOGuardrails
 
 SIGNIFICANCE = 2.0  # standard errors a change must exceed to count
 
@@ -58,7 +56,7 @@ class Guardrails:
 
     def check(self, metrics: dict[str, float]) -> dict[str, float]:
         """The flags for this step, as ``guardrail/<name>`` -> 1.0 or 0.0."""
-        flags = dict.fromkeys(NAMES, False)
+        flags = dict.fromkeys(metric_keys.GUARDRAILS, False)
         spec = self.spec
         if spec.max_kl is not None:
             flags["kl_above_threshold"] = metrics["objective/kl"] > spec.max_kl
@@ -82,7 +80,7 @@ class Guardrails:
             flags["no_progress"] = now - self.best_since > spec.no_progress_seconds
 
         self.fired.update(name for name, raised in flags.items() if raised)
-        return {f"guardrail/{name}": float(raised) for name, raised in flags.items()}
+        return {metric_keys.guardrail(name): float(raised) for name, raised in flags.items()}
 
     def state_dict(self) -> dict:
         return {"rm_history": list(self.rm_history), "gold_history": list(self.gold_history),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rlhf_operator.spec import PPOSpec
+from rlhf_api.spec import PPOSpec
 from rlhf_trainer.ppo.distributed import World
 
 ADAM_EPS = 1e-5

@@ -29,10 +29,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from rlhf_operator.spec import ModelSpec, PPOSpec, QuantizationSpec
+from rlhf_api.spec import ModelSpec, PPOSpec, QuantizationSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.errors import ConfigError
-from rlhf_trainer.ppo.forward import transformers_model
+from rlhf_trainer.modeling import Sequences, transformers_model
 
 
 class TokenValues(nn.Module):
@@ -58,6 +58,16 @@ class TokenValues(nn.Module):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
         return inner.score(hidden[:, -response_width - 1:-1].contiguous()).squeeze(-1).float()
+
+
+def response_values(value_model: Any, batch: Sequences) -> torch.Tensor:
+    """V of the state before each response token (0 on padding).
+
+    Returns:
+        (B, R) float32.
+    """
+    ids, attention, positions = batch.input_ids()
+    return value_model(ids, attention, positions, batch.responses.shape[1]) * batch.mask
 
 
 @dataclass

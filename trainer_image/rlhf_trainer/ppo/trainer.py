@@ -28,16 +28,16 @@ from typing import Any
 
 import torch
 
-from rlhf_operator.spec import PPOSpec
+from rlhf_api.spec import PPOSpec
 from rlhf_trainer import seeding
-from rlhf_trainer.decoding_weights import decoding_weights
+from rlhf_trainer.accelerations.decoding_weights import decoding_weights
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.judges import Judge
+from rlhf_trainer.modeling import attention_kernel, autocast, response_logprobs
 from rlhf_trainer.padding import left_pad
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.experience import Experience, Rollout
-from rlhf_trainer.ppo.forward import attention_kernel, autocast, response_logprobs, response_values
 from rlhf_trainer.ppo.functional import (
     apply_missing_eos_penalty,
     gae,
@@ -54,7 +54,7 @@ from rlhf_trainer.ppo.guardrails import Guardrails
 from rlhf_trainer.ppo.kl_control import make_kl_controller
 from rlhf_trainer.ppo.learner import make_learner
 from rlhf_trainer.ppo.metrics_log import MetricsLog
-from rlhf_trainer.ppo.models import PPOModels, uses_bf16
+from rlhf_trainer.ppo.models import PPOModels, response_values, uses_bf16
 from rlhf_trainer.ppo.rollout import BF16Sampler, episode_generators
 from rlhf_trainer.reward_scoring import reward_scores
 

@@ -29,14 +29,14 @@ from typing import Any
 
 import torch
 
-from rlhf_operator.spec import EvaluateSpec
+from rlhf_api import metric_keys
+from rlhf_api.spec import EvaluateSpec
 from rlhf_trainer import models, reward_scoring
 from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.generation import Sample, sample
 from rlhf_trainer.judges import make_judge
+from rlhf_trainer.modeling import response_logprobs, sequences
 from rlhf_trainer.padding import group_rows, index_batches
-from rlhf_trainer.ppo import forward
-from rlhf_trainer.ppo.experience import sequences
 from rlhf_trainer.plots import evaluation_figure, read_log
 from rlhf_trainer.stages.common import uses_chat_template
 from rlhf_trainer.workspace import Workspace
@@ -77,7 +77,7 @@ def mean_kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[to
 def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, temperature: float,
                     batch_size: int = 16) -> list[torch.Tensor]:
     """Log-probability of each response token under ``model`` sampling at ``temperature``: one 1-D tensor per
-    sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.ppo.forward.response_logprobs`), in
+    sample, computed as PPO computes its rollouts' (:func:`rlhf_trainer.modeling.response_logprobs`), in
     batches of samples of similar lengths (little padding)."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = [torch.empty(0)] * len(samples)
@@ -85,7 +85,7 @@ def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, te
                               key=lambda i: (len(samples[i].response_ids), len(samples[i].prompt_ids))):
         batch = sequences([samples[i].prompt_ids for i in rows], [samples[i].response_ids for i in rows],
                           pad_token_id, device)
-        logprobs, _ = forward.response_logprobs(model, batch, temperature)
+        logprobs, _ = response_logprobs(model, batch, temperature)
         for i, row, keep in zip(rows, logprobs, batch.mask):
             out[i] = row[keep].cpu()
     return out
@@ -93,12 +93,12 @@ def sample_logprobs(model: Any, samples: Sequence[Sample], pad_token_id: int, te
 
 def summarize(samples: list[Sample], judge: list[float], rm: list[float] | None) -> dict[str, float]:
     out = {
-        "judge_mean": statistics.fmean(judge),
+        metric_keys.JUDGE_MEAN: statistics.fmean(judge),
         "response_tokens": statistics.fmean(len(s.response_ids) for s in samples),
         "eos_rate": sum(s.has_eos for s in samples) / len(samples),
     }
     if rm is not None:
-        out["rm_mean"] = statistics.fmean(rm)
+        out[metric_keys.RM_MEAN] = statistics.fmean(rm)
         accuracy = rm_pair_accuracy([s.prompt for s in samples], judge, rm)
         if accuracy is not None:
             out["rm_pair_accuracy"] = accuracy
@@ -143,16 +143,17 @@ def run(ws: Workspace) -> dict[str, Any]:
         results[name] = summarize(out, judge_scores[name], rm_scores.get(name))
     metrics: dict[str, Any] = {"prompts": len(held_out),
                                "samples_per_prompt": settings.samples_per_prompt,
-                               **{f"sft/{k}": v for k, v in results["sft"].items()}}
+                               **{metric_keys.SFT + k: v for k, v in results["sft"].items()}}
     if "policy" in samples:
         pad = tokenizer.pad_token_id
         temperature = settings.generation.temperature
         kl = mean_kl_per_token([torch.tensor(s.logprobs) for s in samples["policy"]],
                                sample_logprobs(ref_model, samples["policy"], pad, temperature))
-        metrics.update({f"policy/{k}": v for k, v in results["policy"].items()})
-        metrics["policy/win_rate_vs_sft"] = win_rate(judge_scores["policy"], judge_scores["sft"])
-        metrics["policy/judge_gain"] = results["policy"]["judge_mean"] - results["sft"]["judge_mean"]
-        metrics["policy/kl_per_token"] = kl
+        metrics.update({metric_keys.POLICY + k: v for k, v in results["policy"].items()})
+        metrics[metric_keys.POLICY + metric_keys.WIN_RATE] = win_rate(judge_scores["policy"], judge_scores["sft"])
+        metrics["policy/judge_gain"] = (results["policy"][metric_keys.JUDGE_MEAN]
+                                        - results["sft"][metric_keys.JUDGE_MEAN])
+        metrics[metric_keys.POLICY + metric_keys.KL_PER_TOKEN] = kl
     metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
     write_jsonl(ws.output_dir / "samples.jsonl", (

@@ -18,21 +18,21 @@ from typing import Any
 
 import torch
 
-from rlhf_operator.spec import ModelSpec, PPOSpec
-from rlhf_trainer.data import load_dataset_rows, require_fields
+from rlhf_api import metric_keys
+from rlhf_api.spec import ModelSpec, PPOSpec
 from rlhf_trainer import progress
+from rlhf_trainer.data import load_dataset_rows, require_fields
 from rlhf_trainer.errors import ConfigError, Preempted
 from rlhf_trainer.judges import make_judge
 from rlhf_trainer.models import save_plain
 from rlhf_trainer.ppo import distributed
-from rlhf_trainer.ppo.checkpoint import StoreCheckpoints
-from rlhf_trainer.ppo.guardrails import NAMES as GUARDRAILS
+from rlhf_trainer.ppo.checkpoint import PPOCheckpoints
 from rlhf_trainer.ppo.metrics_log import MetricsLog
 from rlhf_trainer.ppo.models import load_models, merged_policy
 from rlhf_trainer.ppo.trainer import METRICS, PPOTrainer, Stopped
 from rlhf_trainer.workspace import Workspace
 
-HEADLINE = {"objective/rm_score": "rm_score", "objective/kl": "kl", "objective/kl_coef": "kl_coef",
+HEADLINE = {"objective/rm_score": metric_keys.RM_SCORE, "objective/kl": metric_keys.KL, "objective/kl_coef": "kl_coef",
             "objective/gold_score": "gold_score", "response/length": "response_length",
             "response/eos_rate": "eos_rate", "time/step": "seconds_per_step"}
 
@@ -59,7 +59,7 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     trainer = PPOTrainer(settings, models, [r["prompt"] for r in rows], world,
                          use_chat_template=ws.config.model.tokenizer.use_chat_template,
                          judge=make_judge(settings.judge.type) if settings.judge else None, log=log)
-    checkpoints = StoreCheckpoints(ws, world)
+    checkpoints = PPOCheckpoints(ws, world)
     checkpoints.restore(trainer)
 
     def on_sigterm(signum: int, frame: Any) -> None:
@@ -79,7 +79,8 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     last = history[-1]
     metrics: dict[str, Any] = {short: round(last[key], 4) for key, short in HEADLINE.items() if key in last}
     metrics.update(steps=trainer.step, episodes=trainer.step * settings.batch_size)
-    metrics.update({f"guardrail/{name}": int(name in trainer.guardrails.fired) for name in GUARDRAILS})
+    metrics.update({metric_keys.guardrail(name): int(name in trainer.guardrails.fired)
+                    for name in metric_keys.GUARDRAILS})
     return metrics
 
 

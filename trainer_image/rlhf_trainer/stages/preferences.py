@@ -15,7 +15,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from rlhf_operator.spec import PreferencesSpec
+from rlhf_api import metric_keys
+from rlhf_api.spec import PreferencesSpec
 from rlhf_trainer import models
 from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.errors import ConfigError
@@ -82,8 +83,8 @@ def run(ws: Workspace) -> dict[str, Any]:
     return {
         "prompts": len(prompts),
         "samples": len(samples),
-        "pairs": len(pairs),
-        "judge_mean": round(statistics.fmean(scores), 4),
+        metric_keys.PAIRS: len(pairs),
+        metric_keys.JUDGE_MEAN: round(statistics.fmean(scores), 4),
         "mean_margin": round(statistics.fmean(p["chosen_score"] - p["rejected_score"] for p in pairs), 4),
         "eos_rate": round(sum(s.has_eos for s in samples) / len(samples), 4),
     }

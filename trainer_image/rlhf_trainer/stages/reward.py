@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator.spec import DatasetRef, ModelSpec, RewardSpec
+from rlhf_api import metric_keys
+from rlhf_api.spec import DatasetRef, ModelSpec, RewardSpec
 from rlhf_trainer import hf_training, models, reward_scoring
 from rlhf_trainer.data import load_dataset_rows, read_rows, require_fields
 from rlhf_trainer.errors import ConfigError
@@ -158,7 +159,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     if eval_rows:
         chosen = [score_of[r["prompt"], r["chosen"]] for r in eval_rows]
         rejected = [score_of[r["prompt"], r["rejected"]] for r in eval_rows]
-        metrics["eval_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
+        metrics[metric_keys.EVAL_ACCURACY] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
         metrics["eval_margin"] = round(sum(c - r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
     tokenizer.padding_side = ws.config.model.tokenizer.padding_side
     models.save_plain(trained, tokenizer, ws.output_dir)

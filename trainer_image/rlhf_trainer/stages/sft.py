@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf_operator.spec import SFTSpec
+from rlhf_api import metric_keys
+from rlhf_api.spec import SFTSpec
 from rlhf_trainer import hf_training, models
 from rlhf_trainer.data import load_dataset_rows, require_fields
 from rlhf_trainer.stages.common import conversational, uses_chat_template
@@ -58,7 +59,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     models.save_plain(trainer.model, tokenizer, ws.output_dir)
     return {
         "train_loss": round(float(result.training_loss), 4),
-        "final_loss": hf_training.last_logged(log, "loss"),
+        metric_keys.FINAL_LOSS: hf_training.last_logged(log, "loss"),
         "mean_token_accuracy": hf_training.last_logged(log, "mean_token_accuracy"),
         "examples": len(rows),
         "steps": result.global_step,
@@ -84,7 +85,7 @@ def completion_logits_trainer(sft_trainer: type) -> type:
     from transformers.loss.loss_utils import fixed_cross_entropy
     from transformers.modeling_outputs import CausalLMOutput
 
-    from rlhf_trainer.ppo.forward import causal_lm_parts
+    from rlhf_trainer.modeling import causal_lm_parts
 
     class CompletionLogitsSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,

@@ -11,13 +11,13 @@ digest is not the running stage's (a leftover of an earlier configuration).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_operator.artifacts.store import NotFoundError, Store, join_uri
+from rlhf_api.artifacts.store import NotFoundError, Store, join_uri
+from rlhf_api.phases import now_rfc3339
 
 PROGRESS_NAME = "progress.json"
 
@@ -37,7 +37,7 @@ def publish_progress(output_uri: str, store: Store, config_digest: str, progress
         "metrics": {k: round(float(v), 6) for k, v in progress.metrics.items()
                     if isinstance(v, (int, float)) and math.isfinite(v)},
         "configDigest": config_digest,
-        "updated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updated": now_rfc3339(),
     }
     store.write_bytes(join_uri(output_uri, PROGRESS_NAME), (json.dumps(doc) + "\n").encode())
 

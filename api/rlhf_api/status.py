@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from rlhf_operator.plan import PipelinePhase, StagePhase
-from rlhf_operator.spec import STAGE_ORDER, Stage
+from rlhf_api.phases import PipelinePhase, StagePhase
+from rlhf_api.spec import STAGE_ORDER, Stage
 
 
 class StatusModel(BaseModel):
@@ -29,23 +29,6 @@ class ConditionType:
     DEGRADED = "Degraded"  # means that a stage failed and will not be retried without a change to the spec
     STALLED = "Stalled"  # means that a running stage made no progress for the configured time
     REWARD_HACKING_SUSPECTED = "RewardHackingSuspected"  # means that a PPO guardrail fired
-
-
-class Reason:
-    """Condition and Event reasons (CamelCase, for machines), each with what it means."""
-
-    SUCCEEDED = "Succeeded"  # means that every stage is done
-    STAGE_STARTING = "StageStarting"  # means that the operator created (or resumed) the stage's Job
-    STAGE_RUNNING = "StageRunning"  # means that the stage's Job is running
-    STAGE_SUCCEEDED = "StageSucceeded"  # means that the stage's manifest is in the store
-    STAGE_RETRYING = "StageRetrying"  # means that a pod of the stage failed and the Job started another
-    STAGE_FAILED = "StageFailed"  # means that the stage failed and will not be retried
-    SUSPENDED = "Suspended"  # means that spec.suspend is set
-    INVALID_SPEC = "InvalidSpec"  # means that the spec did not validate (only possible without the CRD's checks)
-    NO_PROGRESS = "NoProgress"  # means that the stage published no new step for longer than allowed
-    GUARDRAIL_FIRED = "GuardrailFired"  # means that a PPO guardrail flag is set in the stage's metrics
-    NO_GUARDRAIL = "NoGuardrailFired"  # means that no PPO guardrail flag is set
-    AS_EXPECTED = "AsExpected"  # means that nothing is wrong
 
 
 class Condition(StatusModel):

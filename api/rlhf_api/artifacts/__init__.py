@@ -7,7 +7,7 @@ file, ``is_complete`` is what the operator asks before skipping a stage).
 
 from __future__ import annotations
 
-from rlhf_operator.artifacts.manifest import (
+from rlhf_api.artifacts.manifest import (
     MANIFEST_NAME,
     FileEntry,
     InvalidManifestError,
@@ -20,8 +20,8 @@ from rlhf_operator.artifacts.manifest import (
     publish,
     read_manifest,
 )
-from rlhf_operator.artifacts.progress import PROGRESS_NAME, Progress, publish_progress, read_progress
-from rlhf_operator.artifacts.store import (
+from rlhf_api.artifacts.progress import PROGRESS_NAME, Progress, publish_progress, read_progress
+from rlhf_api.artifacts.store import (
     ChecksumError,
     FileStore,
     NotFoundError,

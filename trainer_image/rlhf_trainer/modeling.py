@@ -1,4 +1,6 @@
-"""Forward passes over a batch of rollouts: log-probabilities of the responses, and values.
+"""What the stages compute with a loaded model (:mod:`rlhf_trainer.models` loads them): the transformers model
+inside its wrappers, autocast, token sequences laid out for a forward pass, and the log-probabilities of the
+response tokens. PPO's rollouts and updates, the evaluate stage's KL and SFT's loss on CPU all go through here.
 
 Only the response positions are computed where it costs: the LM head runs on the R positions that predict
 response tokens, not on the prompt, and log-probabilities come from one fused ``log_softmax`` over them.
@@ -6,15 +8,14 @@ response tokens, not on the prompt, and log-probabilities come from one fused ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rlhf_trainer.generation import logit_scale
-from rlhf_trainer.ppo.experience import Sequences
-from rlhf_trainer.ppo.functional import logprobs_and_entropy
+from rlhf_trainer.padding import left_pad, position_ids, right_pad
 
 
 def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
@@ -58,6 +59,45 @@ def attention_kernel(net: Any, implementation: str) -> Iterator[None]:
         inner.set_attn_implementation(before)
 
 
+# --------------------------------------------------------------------------------- token sequences
+
+
+@dataclass
+class Sequences:
+    """Prompts and responses, laid out as the forward passes (:func:`response_logits`) read them."""
+
+    queries: torch.Tensor  # (B, P) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, P) 1 on real prompt tokens
+    responses: torch.Tensor  # (B, R) response ids, padding after the stop token
+    mask: torch.Tensor  # (B, R) bool, true on response tokens (the stop token included)
+
+    def input_ids(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt + response as one left-padded sequence.
+
+        Returns:
+            input_ids (B, P + R), attention_mask (B, P + R), position_ids (B, P + R).
+        """
+        ids = torch.cat([self.queries, self.responses], dim=1)
+        attention = torch.cat([self.query_mask, self.mask.to(self.query_mask.dtype)], dim=1)
+        return ids, attention, position_ids(attention)
+
+
+def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+              device: torch.device | str = "cpu") -> Sequences:
+    """Token lists as :class:`Sequences` on ``device``: prompts left-padded, responses right-padded."""
+    queries, query_mask = left_pad(prompts, pad_token_id)
+    ids, mask = right_pad(responses, pad_token_id)
+    return Sequences(*(t.to(device) for t in (queries, query_mask, ids, mask.bool())))
+
+
+# ------------------------------------------------------------------------------ log-probs and entropy
+
+
+def logit_scale(temperature: float) -> float:
+    """What sampling at ``temperature`` divides the logits by: the temperature, or 1 for greedy decoding (0)."""
+    return temperature if temperature > 0 else 1.0
+
+
 def response_logits(policy: Any, batch: Sequences, temperature: float) -> torch.Tensor:
     """Next-token logits at each response position, divided by the sampling temperature.
 
@@ -99,11 +139,47 @@ def response_logprobs(policy: Any, batch: Sequences, temperature: float,
     return logprobs, entropy
 
 
-def response_values(value_model: Any, batch: Sequences) -> torch.Tensor:
-    """V of the state before each response token (0 on padding).
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits)[token] at each position, and optionally the entropy of each position's distribution.
+
+    One ``log_softmax`` serves both: the entropy is read from the same (B, R, V) log-probabilities, without
+    gradient (it is a diagnostic, not part of the loss).
+
+    Args:
+        logits: (B, R, V), already divided by the sampling temperature.
+        tokens: (B, R) token ids.
 
     Returns:
-        (B, R) float32.
+        logprobs (B, R) float32; entropy (B, R) or None.
     """
-    ids, attention, positions = batch.input_ids()
-    return value_model(ids, attention, positions, batch.responses.shape[1]) * batch.mask
+    logprobs_all = torch.log_softmax(logits.float(), dim=-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logprobs(logprobs_all)
+    return gather_tokens(logprobs_all, tokens), entropy
+
+
+def gather_tokens(logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each position's token from (B, R, V) log-probabilities.
+
+    Detail: ``log_softmax`` followed by this gather is one fused pass over the (B, R, V) logits forward and one
+    backward; ``logit[token] - logsumexp(logits)`` looks cheaper but makes four passes (max, subtract, exp,
+    sum), two of them writing a fresh (B, R, V) tensor, and more again in its backward pass.
+    """
+    return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, ``-sum(p * log p)``, from its log-probabilities.
+
+    Args:
+        logprobs: (B, R, V) log-softmax output.
+
+    Returns:
+        (B, R).
+    """
+    # A batched dot product per position: no (B, R, V) product tensor.
+    flat = logprobs.reshape(-1, 1, logprobs.shape[-1])
+    return -torch.bmm(flat.exp(), flat.transpose(1, 2)).reshape(logprobs.shape[:-1])

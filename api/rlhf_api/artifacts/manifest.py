@@ -22,15 +22,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from rlhf_operator.artifacts.store import (
+from rlhf_api.artifacts.store import (
     TEMP_PREFIX,
     ChecksumError,
     NotFoundError,
     Store,
     StoreError,
-    temp_sibling,
     join_uri,
     sha256_file,
+    temp_sibling,
 )
 
 MANIFEST_NAME = "manifest.json"

@@ -22,11 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from rlhf_operator.spec import (
+from rlhf_api.artifacts.store import StorageOptions
+from rlhf_api.spec import (
     API_VERSION,
+    STAGE_SPECS,
     ModelSpec,
     RLHFPipeline,
-    STAGE_SPECS,
     RLHFPipelineSpec,
     Stage,
     StageSpec,
@@ -83,8 +84,18 @@ def short_uid(uid: str | None) -> str:
     return uid.replace("-", "")[:8] if uid else "local"
 
 
+def pipeline_prefix(root: str, pipeline: PipelineRef) -> str:
+    """Where everything one pipeline (one uid of it) stores: ``<root>/<namespace>/<name>/<uid>``."""
+    return f"{root.rstrip('/')}/{pipeline.namespace}/{pipeline.name}/{pipeline.uid}"
+
+
 def stage_output_uri(root: str, pipeline: PipelineRef, stage: Stage) -> str:
-    return f"{root.rstrip('/')}/{pipeline.namespace}/{pipeline.name}/{pipeline.uid}/{stage.value}"
+    return f"{pipeline_prefix(root, pipeline)}/{stage.value}"
+
+
+def storage_options(storage: StorageSpec) -> StorageOptions:
+    """How to reach the spec's store (endpoint, region, addressing style); credentials come separately."""
+    return StorageOptions(storage.endpoint, storage.region, storage.addressing_style)
 
 
 def pipeline_ref(doc: RLHFPipeline) -> PipelineRef:
@@ -162,9 +173,3 @@ def build_stage_config(doc: RLHFPipeline, stage: Stage, storage_root: str | None
         digest=stage_digest(spec, stage, root, ref),
     )
 
-
-# Exit codes of `rlhf-train`, read by both executors (and the operator's podFailurePolicy).
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 78  # the spec or an input is wrong: retrying cannot help (sysexits' EX_CONFIG)
-EXIT_INTEGRITY_ERROR = 79  # an input failed its checksum: retrying cannot help
-NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR})

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from rlhf_trainer.cpu import cpu_flags, cpu_vendor
+from rlhf_trainer.accelerations.cpu import cpu_flags, cpu_vendor
 from rlhf_trainer.errors import ConfigError
 
 ONEDNN_ENV = "RLHF_ONEDNN_LINEAR"  # "0" or "1": overrides what the CPU says

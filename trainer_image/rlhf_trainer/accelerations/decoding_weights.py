@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_trainer.onednn_linear import onednn_product
+from rlhf_trainer.accelerations.onednn_linear import onednn_product
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
