@@ -93,52 +93,46 @@ def plan(spec: RLHFPipelineSpec, observed: Mapping[Stage, StageObservation]) -> 
     for stage in STAGE_ORDER:
         if verdict is not None:
             phases[stage] = StagePhase.PENDING if spec.stage(stage).runs else _static_phase(spec, stage)
-            continue
-        settings = spec.stage(stage)
-        if not settings.runs:
+        elif not spec.stage(stage).runs:
             phases[stage] = _static_phase(spec, stage)
-            continue
-
-        seen = observed.get(stage, StageObservation())
-        if seen.state is Observed.SUCCEEDED:
-            phases[stage] = StagePhase.SUCCEEDED
-            continue
-
-        if seen.state is Observed.RUNNING:
-            phases[stage] = StagePhase.RUNNING
-            if spec.suspend:
-                verdict = _verdict(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),), Reason.SUSPENDED,
-                                   f"spec.suspend is set: stage {stage.value} is paused")
-            else:
-                verdict = _verdict(PipelinePhase.RUNNING, stage, (), Reason.STAGE_RUNNING,
-                                   f"stage {stage.value} is running (attempt {max(seen.attempts, 1)})")
-            continue
-
-        if seen.state is Observed.FAILED:
-            retries_left = seen.attempts <= settings.max_retries
-            if not seen.retryable or not retries_left:
-                phases[stage] = StagePhase.FAILED
-                why = "it failed with a configuration error" if not seen.retryable else (
-                    f"it failed {seen.attempts} time(s) and maxRetries is {settings.max_retries}")
-                detail = f": {seen.message}" if seen.message else ""
-                verdict = _verdict(PipelinePhase.FAILED, stage, (), Reason.STAGE_FAILED,
-                                   f"stage {stage.value} will not be retried: {why}{detail}")
-                continue
-
-        # Absent, or failed with retries left: (re)start it unless suspended.
-        phases[stage] = StagePhase.PENDING
-        if spec.suspend:
-            verdict = _verdict(PipelinePhase.SUSPENDED, stage, (), Reason.SUSPENDED,
-                               f"spec.suspend is set: stage {stage.value} will start when it is cleared")
         else:
-            attempt = seen.attempts + 1
-            verb = "retrying" if seen.state is Observed.FAILED else "starting"
-            verdict = _verdict(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),), Reason.STAGE_STARTING,
-                               f"{verb} stage {stage.value} (attempt {attempt})")
+            phases[stage], verdict = _decide(spec, stage, observed.get(stage, StageObservation()))
 
     if verdict is None:
         verdict = Plan(PipelinePhase.SUCCEEDED, {}, (), None, Reason.SUCCEEDED, "every stage is done")
     return replace(verdict, stages=phases)
+
+
+def _decide(spec: RLHFPipelineSpec, stage: Stage, seen: StageObservation) -> tuple[StagePhase, Plan | None]:
+    """The phase of a stage that runs, and the pipeline's outcome when the walk stops there (None: it goes on)."""
+    settings = spec.stage(stage)
+    if seen.state is Observed.SUCCEEDED:
+        return StagePhase.SUCCEEDED, None
+
+    if seen.state is Observed.RUNNING:
+        if spec.suspend:
+            return StagePhase.RUNNING, _verdict(PipelinePhase.SUSPENDED, stage, (SuspendStage(stage),),
+                                                Reason.SUSPENDED, f"spec.suspend is set: stage {stage.value} is paused")
+        return StagePhase.RUNNING, _verdict(PipelinePhase.RUNNING, stage, (), Reason.STAGE_RUNNING,
+                                            f"stage {stage.value} is running (attempt {max(seen.attempts, 1)})")
+
+    if seen.state is Observed.FAILED:
+        retries_left = seen.attempts <= settings.max_retries
+        if not seen.retryable or not retries_left:
+            why = "it failed with a configuration error" if not seen.retryable else (
+                f"it failed {seen.attempts} time(s) and maxRetries is {settings.max_retries}")
+            detail = f": {seen.message}" if seen.message else ""
+            return StagePhase.FAILED, _verdict(PipelinePhase.FAILED, stage, (), Reason.STAGE_FAILED,
+                                               f"stage {stage.value} will not be retried: {why}{detail}")
+
+    # Absent, or failed with retries left: (re)start it unless suspended.
+    if spec.suspend:
+        return StagePhase.PENDING, _verdict(PipelinePhase.SUSPENDED, stage, (), Reason.SUSPENDED,
+                                            f"spec.suspend is set: stage {stage.value} will start when it is cleared")
+    attempt = seen.attempts + 1
+    verb = "retrying" if seen.state is Observed.FAILED else "starting"
+    return StagePhase.PENDING, _verdict(PipelinePhase.RUNNING, stage, (StartStage(stage, attempt),),
+                                        Reason.STAGE_STARTING, f"{verb} stage {stage.value} (attempt {attempt})")
 
 
 def _static_phase(spec: RLHFPipelineSpec, stage: Stage) -> StagePhase:

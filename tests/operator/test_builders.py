@@ -4,6 +4,7 @@ against hand-written expectations (no cluster)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
@@ -12,7 +13,7 @@ from rlhf_api.spec import Stage
 from rlhf_api.status import PipelineStatus
 from rlhf_operator.controller import names
 from rlhf_operator.controller.conditions import StageFacts, build_status, transitions
-from rlhf_operator.controller.manifests import build_stage, config_json
+from rlhf_operator.controller.manifests import build_stage
 from rlhf_operator.controller.observe import JobPhase, job_state, observation
 from rlhf_operator.loading import parse_pipeline
 from rlhf_operator.plan import Observed, StageObservation, plan
@@ -71,7 +72,7 @@ def test_single_process_stage_is_a_plain_job_with_owner_config_and_secret_refs()
                                                              "values": [78, 79]}}
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert rules[2]["onExitCodes"]["values"] == [143]
-    config = config_json(sft)
+    config = json.loads(sft.config_map["data"][names.CONFIG_KEY])
     assert config["stage"] == "sft" and config["digest"] == job["metadata"]["annotations"][
         names.ANNOTATION_CONFIG_DIGEST]
     assert config["outputUri"] == "s3://bucket/runs/ml/demo/0b6f1f7e/sft"

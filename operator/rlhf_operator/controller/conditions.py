@@ -124,6 +124,23 @@ def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: Pipel
         phase = decision.stages.get(stage, StagePhase.SKIPPED)
         stages[stage] = _stage_status(facts.get(stage, StageFacts(stage)), phase, before.get(stage), stamp)
 
+    current, message = _current_stage(decision, stages)
+    conditions = _conditions(decision, current, message, stages, previous.conditions, generation=generation,
+                             now=now, stall_after_s=stall_after_s)
+    return PipelineStatus(
+        phase=decision.phase,
+        current_stage=current.value if current is not None else None,
+        reward=_headline(stages, metric_keys.REWARD_COLUMN),
+        kl=_headline(stages, metric_keys.KL_COLUMN),
+        message=message,
+        observed_generation=generation,
+        stages=list(stages.values()),
+        conditions=conditions,
+    )
+
+
+def _current_stage(decision: Plan, stages: dict[Stage, StageStatus]) -> tuple[Stage | None, str]:
+    """The stage the Stage column shows and the pipeline's message (which counts a running stage's attempts)."""
     phase = decision.phase
     current = decision.current
     if current is None and phase is PipelinePhase.SUCCEEDED:  # the Stage column shows where the run ended
@@ -134,52 +151,51 @@ def build_status(decision: Plan, facts: dict[Stage, StageFacts], previous: Pipel
             message += f" (attempt {stages[current].attempts})"
     else:
         message = decision.message
+    return current, message
 
-    conditions_before = {c.type: c for c in previous.conditions}
+
+def _conditions(decision: Plan, current: Stage | None, message: str, stages: dict[Stage, StageStatus],
+                previous: list[Condition], *, generation: int | None, now: dt.datetime,
+                stall_after_s: float | None) -> list[Condition]:
+    """Ready, Progressing, Degraded, Stalled and RewardHackingSuspected, in that order."""
+    stamp = rfc3339(now)
+    conditions_before = {c.type: c for c in previous}
+
+    def condition(kind: str, true: bool, reason: str, text: str) -> Condition:
+        return _condition(kind, true, reason, text, conditions_before, generation, stamp)
+
+    phase = decision.phase
     reason = decision.reason or phase.value
     running = phase is PipelinePhase.RUNNING
-    conditions = [
-        _condition(ConditionType.READY, phase is PipelinePhase.SUCCEEDED, reason, message, conditions_before,
-                   generation, stamp),
-        _condition(ConditionType.PROGRESSING, running, reason, message, conditions_before, generation, stamp),
-        _condition(ConditionType.DEGRADED, phase is PipelinePhase.FAILED,
-                   Reason.STAGE_FAILED if phase is PipelinePhase.FAILED else Reason.AS_EXPECTED,
-                   message if phase is PipelinePhase.FAILED else "no stage failed", conditions_before,
-                   generation, stamp),
-    ]
-
-    stalled_message = ""
-    if running and current is not None and stall_after_s:
-        progress = stages[current].progress
-        last = parse_time(progress.updated if progress else None)
-        if last is not None and (now - last).total_seconds() > stall_after_s:
-            stalled_message = (f"stage {current.value} published no new step since {progress.updated} "
-                               f"(more than {int(stall_after_s)} s)")
-    conditions.append(_condition(ConditionType.STALLED, bool(stalled_message),
-                                 Reason.NO_PROGRESS if stalled_message else Reason.AS_EXPECTED,
-                                 stalled_message or "the pipeline is not stalled", conditions_before, generation,
-                                 stamp))
-
+    failed = phase is PipelinePhase.FAILED
+    stalled = _stalled_message(current, stages, now, stall_after_s) if running else ""
     ppo_metrics = stages[Stage.PPO].metrics
     fired = sorted(k.removeprefix(metric_keys.GUARDRAIL_PREFIX) for k, v in ppo_metrics.items()
                    if k.startswith(metric_keys.GUARDRAIL_PREFIX) and v)
-    hacking = bool(ppo_metrics.get(metric_keys.REWARD_HACKING))
-    conditions.append(_condition(
-        ConditionType.REWARD_HACKING_SUSPECTED, hacking,
-        Reason.GUARDRAIL_FIRED if fired else Reason.NO_GUARDRAIL,
-        f"PPO guardrails fired: {', '.join(fired)}" if fired else "no PPO guardrail fired",
-        conditions_before, generation, stamp))
+    return [
+        condition(ConditionType.READY, phase is PipelinePhase.SUCCEEDED, reason, message),
+        condition(ConditionType.PROGRESSING, running, reason, message),
+        condition(ConditionType.DEGRADED, failed, Reason.STAGE_FAILED if failed else Reason.AS_EXPECTED,
+                  message if failed else "no stage failed"),
+        condition(ConditionType.STALLED, bool(stalled), Reason.NO_PROGRESS if stalled else Reason.AS_EXPECTED,
+                  stalled or "the pipeline is not stalled"),
+        condition(ConditionType.REWARD_HACKING_SUSPECTED, bool(ppo_metrics.get(metric_keys.REWARD_HACKING)),
+                  Reason.GUARDRAIL_FIRED if fired else Reason.NO_GUARDRAIL,
+                  f"PPO guardrails fired: {', '.join(fired)}" if fired else "no PPO guardrail fired"),
+    ]
 
-    return PipelineStatus(
-        phase=phase,
-        current_stage=current.value if current is not None else None,
-        reward=_headline(stages, metric_keys.REWARD_COLUMN),
-        kl=_headline(stages, metric_keys.KL_COLUMN),
-        message=message,
-        observed_generation=generation,
-        stages=list(stages.values()),
-        conditions=conditions,
-    )
+
+def _stalled_message(current: Stage | None, stages: dict[Stage, StageStatus], now: dt.datetime,
+                     stall_after_s: float | None) -> str:
+    """Why the running stage counts as stalled, or "" when it published a step recently enough."""
+    if current is None or not stall_after_s:
+        return ""
+    progress = stages[current].progress
+    last = parse_time(progress.updated if progress else None)
+    if last is not None and (now - last).total_seconds() > stall_after_s:
+        return (f"stage {current.value} published no new step since {progress.updated} "
+                f"(more than {int(stall_after_s)} s)")
+    return ""
 
 
 def transitions(previous: PipelineStatus, new: PipelineStatus) -> list[EventSpec]:

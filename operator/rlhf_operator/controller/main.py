@@ -4,7 +4,7 @@
 
 * watches every namespace (``--all-namespaces``, the default) or the ``--namespace`` ones;
 * serves ``/healthz`` (the process and its event loop answer), ``/readyz`` (kopf is watching, and this replica
-  leads when leader election is on) and ``/metrics`` (Prometheus text format) on ``--port``;
+  leads when leader election is on) and ``/metrics`` (Prometheus text format, by prometheus_client) on ``--port``;
 * logs one JSON object per line (``--log-format json``, the default in the image) or plain text;
 * on SIGTERM/SIGINT stops watching, lets running handlers finish (kopf), releases the Lease and exits 0;
 * two replicas: ``--leader-elect`` (a coordination.k8s.io Lease; the standby waits, ready=false) or kopf's
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -81,6 +82,7 @@ def api_client(kubeconfig: str | None):
 async def serve_http(bind: str, port: int, metrics, ready: asyncio.Event, leading: threading.Event | None):
     """/healthz, /readyz and /metrics. Returns the runner (to clean up)."""
     from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -90,7 +92,7 @@ async def serve_http(bind: str, port: int, metrics, ready: asyncio.Event, leadin
         return web.Response(text="ready\n" if ok else "not ready\n", status=200 if ok else 503)
 
     async def exposition(_: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(body=metrics.render().encode("utf-8"), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", exposition)])
@@ -105,7 +107,6 @@ async def run(args: argparse.Namespace) -> int:
 
     from rlhf_operator.controller.handlers import register
     from rlhf_operator.controller.kube import Kube
-    from rlhf_operator.controller.leader import LeaderElector
     from rlhf_operator.controller.metrics import Metrics
     from rlhf_operator.controller.reconcile import Reconciler
 
@@ -114,37 +115,19 @@ async def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     reconciler = Reconciler(Kube(api), metrics, stall_after_s=args.stall_seconds, default_image=args.trainer_image)
     registry = register(kopf.OperatorRegistry(), resync_interval_s=args.resync_seconds)
-
-    loop = asyncio.get_running_loop()
     stop, ready = asyncio.Event(), asyncio.Event()
     stopping = threading.Event()
+    handle_signals(log, stop, stopping)
 
-    def shutdown(signum: int) -> None:
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stopping.set()
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, shutdown, signum)
-
-    elector = None
-    if args.leader_elect:
-        identity = f"{socket.gethostname()}-{os.getpid()}"
-        elector = LeaderElector(api, args.lease_namespace, args.lease_name, identity)
+    elector = leader_elector(api, args)
     runner = await serve_http(args.bind, args.port, metrics, ready, elector.leading if elector else None) \
         if args.port else None
+    lease_task: asyncio.Task | None = None  # held here: asyncio keeps only weak references to tasks
     try:
         if elector is not None:
             if not await asyncio.to_thread(elector.wait_for_leadership, stopping):
                 return 0
-
-            async def watch_lease() -> None:
-                await asyncio.to_thread(elector.lost.wait)
-                if not stopping.is_set():
-                    log.error("leadership lost: stopping")
-                    stop.set()
-
-            lease_task = asyncio.create_task(watch_lease())
+            lease_task = asyncio.create_task(watch_lease(log, elector, stop, stopping))
         settings = kopf.OperatorSettings()
         settings.execution.max_workers = args.workers
         namespaces = args.namespace
@@ -159,10 +142,51 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         if elector is not None:
             elector.release()
-            elector.lost.set()  # ends watch_lease
+            await end_lease_watch(elector, lease_task)
         if runner is not None:
             await runner.cleanup()
         api.close()
+
+
+def handle_signals(log: logging.Logger, stop: asyncio.Event, stopping: threading.Event) -> None:
+    """SIGTERM and SIGINT stop kopf (``stop``) and the wait for leadership (``stopping``, read by a thread)."""
+    def shutdown(signum: int) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stopping.set()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown, signum)
+
+
+def leader_elector(api, args: argparse.Namespace):
+    """The Lease candidate of this process with ``--leader-elect``, else None."""
+    if not args.leader_elect:
+        return None
+    from rlhf_operator.controller.leader import LeaderElector
+
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    return LeaderElector(api, args.lease_namespace, args.lease_name, identity)
+
+
+async def watch_lease(log: logging.Logger, elector, stop: asyncio.Event, stopping: threading.Event) -> None:
+    """Stops kopf when the Lease is lost while leading (the process then exits 1 and is restarted)."""
+    await asyncio.to_thread(elector.lost.wait)
+    if not stopping.is_set():
+        log.error("leadership lost: stopping")
+        stop.set()
+
+
+async def end_lease_watch(elector, lease_task: asyncio.Task | None) -> None:
+    """Ends :func:`watch_lease` on the way out: cancelled first, so shutting down is not reported as a lost
+    Lease, then ``lost`` set to free the thread it waits in."""
+    if lease_task is not None:
+        lease_task.cancel()
+    elector.lost.set()
+    if lease_task is not None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await lease_task
 
 
 def main(argv: list[str] | None = None) -> int:

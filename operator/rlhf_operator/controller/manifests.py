@@ -16,7 +16,6 @@ Retries (``podFailurePolicy``, first matching rule wins):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,11 +200,43 @@ def build_job(doc: RLHFPipeline, stage: Stage, name: str, labels: dict[str, str]
     spec = doc.spec
     settings = spec.stage(stage)
     nodes, _ = distributed_world(settings)
+    container = trainer_container(doc, stage, name, image or trainer_image(doc, stage), dry_run)
+    pod = pod_spec(doc, stage, name, container, with_service)
+
+    pod_labels = dict(labels)
+    job_labels = dict(labels)
+    if spec.queue_name:
+        job_labels[names.LABEL_KUEUE_QUEUE] = spec.queue_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": settings.max_retries,
+        "completions": nodes,
+        "parallelism": nodes,
+        # Kueue admits a queued Job by unsuspending it; without a queue the Job starts at once.
+        "suspend": bool(spec.queue_name),
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+    }
+    if with_service:
+        job_spec["completionMode"] = "Indexed"
+    if settings.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(name, doc.metadata.namespace, job_labels, owner,
+                              {names.ANNOTATION_CONFIG_DIGEST: config.digest}),
+        "spec": job_spec,
+    }
+
+
+def trainer_container(doc: RLHFPipeline, stage: Stage, name: str, image: str, dry_run: bool) -> dict[str, Any]:
+    """The Job's one container: ``rlhf-train`` with the stage config mounted and a scratch workspace."""
+    settings = doc.spec.stage(stage)
     resources = {k: v for k, v in (("requests", _quantities(settings.resources.requests)),
                                    ("limits", _quantities(settings.resources.limits))) if v}
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": image or trainer_image(doc, stage),
+        "image": image,
         "command": trainer_command(stage, settings, dry_run),
         "env": trainer_env(doc, stage, name),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -214,13 +245,19 @@ def build_job(doc: RLHFPipeline, stage: Stage, name: str, labels: dict[str, str]
     }
     if resources:
         container["resources"] = resources
+    return container
+
+
+def pod_spec(doc: RLHFPipeline, stage: Stage, name: str, container: dict[str, Any],
+             with_service: bool) -> dict[str, Any]:
+    """The Job's pod template spec: ``container``, its volumes, and the pipeline's scheduling and identity."""
+    spec = doc.spec
+    settings = spec.stage(stage)
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}},
                                      {"name": "workspace", "emptyDir": {}}]
     if GPU in settings.resources.limits or GPU in settings.resources.requests:  # NCCL wants a large /dev/shm
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-
-    pod_labels = dict(labels)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are new pods, counted by the Job (podFailurePolicy needs Never)
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
@@ -240,38 +277,15 @@ def build_job(doc: RLHFPipeline, stage: Stage, name: str, labels: dict[str, str]
         pod["priorityClassName"] = settings.priority_class_name
     if with_service:
         pod["subdomain"] = name
-
-    job_labels = dict(labels)
-    if spec.queue_name:
-        job_labels[names.LABEL_KUEUE_QUEUE] = spec.queue_name
-    job_spec: dict[str, Any] = {
-        "backoffLimit": settings.max_retries,
-        "completions": nodes,
-        "parallelism": nodes,
-        # Kueue admits a queued Job by unsuspending it; without a queue the Job starts at once.
-        "suspend": bool(spec.queue_name),
-        "podFailurePolicy": {"rules": [
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": sorted(entrypoint.NON_RETRYABLE_EXIT_CODES)}},
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [entrypoint.EXIT_PREEMPTED]}},
-        ]},
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
-    }
-    if with_service:
-        job_spec["completionMode"] = "Indexed"
-    if settings.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(name, doc.metadata.namespace, job_labels, owner,
-                              {names.ANNOTATION_CONFIG_DIGEST: config.digest}),
-        "spec": job_spec,
-    }
+    return pod
 
 
-def config_json(objects: StageObjects) -> dict[str, Any]:
-    """The stage config as the pod reads it (for tests and debugging)."""
-    return json.loads(objects.config_map["data"][names.CONFIG_KEY])
+def pod_failure_policy() -> dict[str, Any]:
+    """The retry rules of the module docstring, first match wins."""
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": sorted(entrypoint.NON_RETRYABLE_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": [entrypoint.EXIT_PREEMPTED]}},
+    ]}

@@ -33,7 +33,6 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 LABEL_JOB_NAME = "batch.kubernetes.io/job-name"  # set by the Job controller on its pods
 
 ANNOTATION_CONFIG_DIGEST = f"{GROUP}/config-digest"
-ANNOTATION_ATTEMPT = f"{GROUP}/attempt"
 #: set by the operator on a Job it suspended because of spec.suspend (a Job suspended by Kueue has none)
 ANNOTATION_SUSPENDED = f"{GROUP}/suspended-by-pipeline"
 #: on a pipeline: any new value restarts the current stage and retries a failed one (like `kubectl rollout restart`)
