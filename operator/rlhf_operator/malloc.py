@@ -2,10 +2,9 @@
 
 PyTorch on CPU allocates every activation, gradient and logits tensor afresh from the C library. glibc serves
 blocks of these sizes with fresh pages (or its own mmap) far more often than with the ones just freed, so a
-training step pays hundreds of thousands of page faults and keeps the freed memory mapped. tcmalloc reuses
-freed blocks: measured with ``bench/ppo_step.py`` (demo model, fp32), minor page faults per PPO step fell from
-250-420 thousand to under 3 thousand, and LoRA's peak RSS from 3.8-4.0 GB to 3.0 GB. Intel's PyTorch CPU
-tuning guide recommends the same preload.
+training step pays a page fault for much of what it allocates and keeps the freed memory mapped. tcmalloc reuses
+freed blocks: a PPO step pays almost no page faults and peaks lower (figures: docs/measurements.md, "tcmalloc").
+Intel's PyTorch CPU tuning guide recommends the same preload.
 
 The local runner preloads it into every ``rlhf-train`` process where it is found (on the system, or unpacked
 into the cache by ``scripts/fetch-tcmalloc``, which ``scripts/in-venv`` runs); ``RLHF_TCMALLOC=0`` leaves

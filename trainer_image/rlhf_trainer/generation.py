@@ -4,19 +4,19 @@ stages.
 Prompts are wrapped in the chat template (when there is one and the spec wants it), left-padded, and decoded
 with the KV cache, one token per step for every row still writing, without autograd. A response ends at the
 stop token (kept in its token ids, so a later stage can tell which responses stopped on their own), and its row
-leaves the batch: the passes after it compute only the answers still being written (the policy's answers in the
-demo's evaluation average 25 tokens of a possible 40). A prompt the batch holds several times (several answers
+leaves the batch: the passes after it compute only the answers still being written (most answers end well before
+``maxNewTokens``). A prompt the batch holds several times (several answers
 per prompt) runs through the model once; its KV cache is copied to the repeats.
 
 Each response draws from its own random generator (one uniform number per token, inverse-CDF sampling over the
 softmax), so what a prompt gets depends on the seed and its index only, not on the batch it was decoded in.
 (transformers' ``generate`` samples with ``torch.multinomial``, which on CPU draws one exponential variate per
-vocabulary entry and token: 22% of the evaluate stage's decoding time for the demo model, 46 ms per token for 32
-rows of a 49k vocabulary.)
+vocabulary entry and token: a large share of decoding time with a vocabulary of tens of thousands; figures:
+docs/measurements.md, "Sampling loop".)
 
 Detail: decoding runs under ``torch.no_grad``, not ``torch.inference_mode``: under bfloat16 autocast only the
-former lets autocast cast each float32 weight once per rollout instead of once per token (measured on CPU:
-78 ms per token instead of 129 for the demo model, batch 8).
+former lets autocast cast each float32 weight once per rollout instead of once per token (figures:
+docs/measurements.md, "Sampling loop").
 """
 
 from __future__ import annotations

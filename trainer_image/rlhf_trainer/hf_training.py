@@ -105,7 +105,8 @@ class NoCheckpointAfterLastStep(TrainerCallback):
     """Skip the checkpoint the Trainer writes after its last step (``save_strategy="steps"`` saves at the end).
 
     The stage publishes its output seconds later and then deletes its checkpoints, so that one would be written
-    and stored for nothing: model, optimizer and RNG states, 7 s for the demo model on the 2-core CPU. A SIGTERM
+    and stored for nothing: model, optimizer and RNG states, seconds of work even for the demo model (figures:
+    docs/measurements.md, "Memory and checkpoint costs"). A SIGTERM
     during the last step still checkpoints (:class:`StopOnSigterm` runs after this callback).
     """
 

@@ -108,7 +108,8 @@ def response_logits(policy: Any, batch: Sequences, temperature: float) -> torch.
     Detail: the LM head runs on the R positions that predict response tokens, not the prompt, and on a
     contiguous copy of them: on a strided slice (what ``logits_to_keep`` hands it) ``matmul`` cannot fold the
     batch into one matrix product and, under autograd, broadcasts the (V, H) head to (B, H, V) for its
-    gradient (a 1.8 GB copy per update in the demo's configuration).
+    gradient: a copy of B times the LM head's size per update (figures: docs/measurements.md, "Memory and
+    checkpoint costs").
 
     Returns:
         (B, R, V) float32.

@@ -8,7 +8,7 @@
   are only read are stored in bfloat16 under ``bf16`` (:func:`frozen_spec`).
 * A stage's ``bf16``: as given, or by default where the hardware computes in bfloat16 (a CUDA GPU that supports
   it, a CPU with AMX or AVX512-BF16); set true on a CPU without those instructions, it is obeyed with a warning
-  (PyTorch emulates bfloat16 there, up to tens of times slower than float32).
+  (PyTorch emulates bfloat16 there, many times slower than float32).
 * 4/8-bit loading needs CUDA: on CPU it is a configuration error that names the field.
 """
 
@@ -68,10 +68,9 @@ CPU_BF16_ENV = "RLHF_CPU_BF16"  # "0" or "1": overrides what /proc/cpuinfo says 
 @cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware: AMX or AVX512-BF16 (Intel since Cooper Lake,
-    AMD since Zen 4). Without them (AVX2 only, AVX-512 without BF16) bfloat16 is converted in software: on a
-    2-core AMD EPYC (Zen 3, AVX2) a decoder layer's bfloat16 product ran at 17 GFLOP/s against 99-150 in float32,
-    and the demo model's forward and backward pass over 8 x 80 tokens under bfloat16 autocast took 131 s against
-    4.1-4.9 s. ``RLHF_CPU_BF16=0`` (or ``1``) overrides the answer, and with it what unset ``bf16`` fields mean.
+    AMD since Zen 4). Without them (AVX2 only, AVX-512 without BF16) bfloat16 is converted in software, many times
+    slower than float32 (figures: docs/measurements.md, "bfloat16 on CPUs without it"). ``RLHF_CPU_BF16=0`` (or
+    ``1``) overrides the answer, and with it what unset ``bf16`` fields mean.
     """
     override = os.environ.get(CPU_BF16_ENV, "").strip()
     if override:
@@ -138,10 +137,10 @@ def load_tokenizer(path: Path, model: ModelSpec) -> Any:
 def _model_kwargs(model: ModelSpec, trained_in_bf16: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(model), "trust_remote_code": model.trust_remote_code}
     if trained_in_bf16 and not torch.cuda.is_available():
-        # PyTorch's CPU flash-attention backward under bfloat16 autocast takes 3x the time of eager attention at
+        # PyTorch's CPU flash-attention backward under bfloat16 autocast is much slower than eager attention at
         # these sequence lengths. In float32 the two take the same time, and SDPA keeps less for the backward pass
-        # (eager also keeps the attention weights and the key/value heads repeated for each query head: in PPO on
-        # the demo model, LoRA, 777 MB per policy forward pass against SDPA's 691), so everything else uses SDPA.
+        # (eager also keeps the attention weights and the key/value heads repeated for each query head), so
+        # everything else uses SDPA (figures: docs/measurements.md, "Attention kernels under bf16").
         kwargs["attn_implementation"] = "eager"
     quant = quantization_config(model)
     if quant is not None:
@@ -173,8 +172,8 @@ def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, tr
 
     ``zero_new_head``: when the checkpoint has no score head (a causal LM becoming a reward model), the new head
     starts at zero instead of random: every response scores 0 before training, so the model has no random
-    preference between responses to unlearn first. (On the demo's pairs the random seed-42 head gave a held-out
-    pair accuracy of 0.76, the zero head 0.84; unseeded random heads anywhere from 0.76 to 0.86.)
+    preference between responses to unlearn first (figures: docs/measurements.md, "Reward model's zero score
+    head").
 
     ``num_layers``: keep the checkpoint's embeddings, its first ``num_layers`` transformer layers and its final
     norm (the later layers are not loaded); the saved model's config says how many it has, so whatever loads it

@@ -1,10 +1,9 @@
 """Reward-model training batches in which every distinct response is scored once.
 
 The preferences stage pairs up to K answers to the same prompt (``pairs: all`` gives up to K(K-1)/2 pairs
-per prompt), so a response appears in several pairs: the demo's 770 pairs hold 765 distinct texts for 1540
-sides. TRL's RewardTrainer runs the reward model on both sides of every pair. Here, as in InstructGPT
-(Ouyang et al. 2022, section 3.5: "a single forward pass of the RM for each completion rather than C(K,2)
-forward passes for K completions"):
+per prompt), so a response appears in several pairs (in the demo, about two on average). TRL's RewardTrainer
+runs the reward model on both sides of every pair. Here, as in InstructGPT (Ouyang et al. 2022, section 3.5: "a
+single forward pass of the RM for each completion rather than C(K,2) forward passes for K completions"):
 
 * :class:`PromptGroupedSampler` keeps the pairs of a prompt next to each other in the training order (prompts
   shuffled per epoch, seeded), so they mostly share a batch;
@@ -13,15 +12,15 @@ forward passes for K completions"):
 * :class:`DistinctResponseRewardTrainer` runs the model on those rows and hands TRL's own loss (Bradley-Terry,
   its margin and centring terms, its metrics) the rewards of both sides of every pair.
 
-The loss of a batch is the same as TRL's on the same pairs; batches of 8 of the demo's pairs carry about 9 sequences
-instead of 16. And the answers to one prompt share their first tokens (the prompt, in the chat template, and often
-the answer's first words): the batch runs each group's shared prefix through the model once, keeps its keys and
-values, and runs every sequence's own remainder on top of them
+The loss of a batch is the same as TRL's on the same pairs; a batch of the demo's pairs carries little more than
+half the sequences TRL's does. And the answers to one prompt share their first tokens (the prompt, in the chat
+template, and often the answer's first words): the batch runs each group's shared prefix through the model once,
+keeps its keys and values, and runs every sequence's own remainder on top of them
 (:func:`rlhf_trainer.shared_prefix.shared_prefix_scores`), so a prompt is read once per batch instead of once per
-answer (in the demo: 36% fewer tokens through the model, a batch's forward and backward pass 2.5 s instead of 3.7 in
-float32 on a 2-core AMD EPYC). What differs from TRL's run is which pairs share a batch: two or three prompts' pairs
-instead of eight shuffled ones (on the demo in float32: held-out pair accuracy 0.726 against 0.787, and PPO on that
-reward model gained more gold-judge score, +0.45 against +0.37 with the same PPO settings).
+answer: fewer tokens through the model, a faster batch. What differs from TRL's run is which pairs share a batch:
+two or three prompts' pairs instead of eight shuffled ones (on the demo: a lower held-out pair accuracy, but PPO
+against that reward model gained more gold-judge score; figures for both: docs/measurements.md, "Reward
+batches").
 """
 
 from __future__ import annotations

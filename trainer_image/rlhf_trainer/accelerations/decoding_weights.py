@@ -6,18 +6,15 @@ laid out and how many operations surround it set the time. Inside :func:`decodin
 computes from a copy of its weight made once for the decoding that follows:
 
 - **Packed for oneDNN** (x86 CPUs, float32 and bfloat16): the copy is reordered into oneDNN's blocked layout
-  (``torch.ops.mkldnn._reorder_linear_weight``), which its small-batch kernels read at about twice the speed of
-  a plain row-major weight. Measured on a 2-core AMD EPYC (Zen 4), one 1536x576 product over 8 rows, weights
-  out of cache: float32 147-234 us packed against 395 plain, bfloat16 80 against 200; over 240 rows 2.05 ms
-  against 3.09 (float32) and 1.03 against 1.63 (bfloat16). A PPO step of the demo model (``bench/ppo_step.py``'s
-  configuration, packed and plain alternating in one process): generation 2.08 s against 2.73 with full
-  fine-tuning in float32, 2.19 against 2.99 with LoRA, 1.60 against 1.85 with full fine-tuning under bf16.
+  (``torch.ops.mkldnn._reorder_linear_weight``), which its small-batch kernels read faster than a plain
+  row-major weight: decoding is bound by reading weights, so the layout sets its speed (figures:
+  docs/measurements.md, "Decoding from packed weights").
 - **LoRA adapters folded in**: peft computes a LoRA layer as ``base(x) + B(A(dropout(x))) * scaling``: three
   matrix products and a few more operations instead of one. In training that is the point (only A and B get
-  gradients); in decoding the extra operations are small but many (five per layer and token) and add about a
-  fifth to sampling. Folding ``W + scaling * B @ A`` once per rollout into the copy takes that out (measured on
-  the 2-core CPU, SmolLM2-135M, 8 prompts x 32 tokens, all-linear r=16, medians of 8 interleaved rollouts: 2.96 s
-  unfolded, 2.50 s folded, about what the model without adapters takes).
+  gradients); in decoding the extra operations are small but many (five per layer and token) and slow sampling
+  down. Folding ``W + scaling * B @ A`` once per rollout into the copy takes that out: the adapted model then
+  decodes about as fast as the model without adapters (figures: docs/measurements.md, "LoRA folded or stacked
+  for decoding").
 
   Under bfloat16 autocast over a bfloat16 frozen base (``spec.ppo.bf16``) a folded weight would not compute what
   the update's forward pass computes (peft's sum, in bfloat16): rounding ``W + scaling * B @ A`` to bfloat16
@@ -25,7 +22,7 @@ computes from a copy of its weight made once for the decoding that follows:
   log-probabilities would drift from those the update's probability ratio starts from. There the copy stacks A
   under W instead: one product gives ``x W^T`` and ``x A^T`` together and a second applies B, in the dtype
   autocast computes in, so the result is peft's with two products instead of three and none of its casts
-  (measured as above under bf16: 2.84 s per rollout through peft, 2.08 s stacked, the same tokens).
+  (same tokens, faster; figures: docs/measurements.md, "LoRA folded or stacked for decoding").
 
 The copies cost the linear layers' weights once more while decoding (freed after; under ZeRO-3 they are made from
 the gathered weights, a whole copy in every process). Their products sum in another order than the model's own,

@@ -2,11 +2,8 @@
 
 PyTorch's x86 wheels multiply float32 matrices with Intel MKL, which takes its AVX-512 kernels on Intel CPUs
 only: on an AMD CPU it runs its AVX2 ones. oneDNN, which PyTorch ships too (its bfloat16 products run there),
-chooses by instruction set. Measured on a 2-core AMD EPYC with AVX-512 (Zen 4: family 25, model 17), float32:
-the demo model's training products (536 rows x 576 x 1536 and back) at 107-158 GFLOP/s through MKL and 166-180
-through oneDNN, a 4096-square product at 86 against 198, decoding's LM head (8 rows x 576 x 49152) at 20
-against 50; ``bench/ppo_step.py``'s step, oneDNN and MKL alternating step by step in one process (medians of
-five steps each): full fine-tuning 10.3 against 12.3 s, LoRA 9.6 against 10.9 s.
+chooses by instruction set: on an AMD CPU with AVX-512 its float32 products, and with them a whole PPO step, are
+faster than MKL's (figures: docs/measurements.md, "oneDNN linear layers").
 
 :func:`onednn_linear` sends ``torch.nn.functional.linear`` (every ``nn.Linear``: the transformer's projections,
 the LM and score heads, peft's LoRA layers) through oneDNN for the duration: the forward product and both

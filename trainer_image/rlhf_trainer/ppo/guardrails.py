@@ -30,9 +30,9 @@ def _significant_change(window: list[float]) -> int:
 
     The mean of the window's second half against that of its first half, counted only when the difference
     exceeds :data:`SIGNIFICANCE` standard errors, estimated from how much the per-step means scatter inside each
-    half (Welch's). Detail: a step's mean score over one batch of rollouts is noisy (the demo's gold-judge means,
-    16 rollouts a step, scatter by about 0.1 around their trend); comparing the halves' means alone flagged
-    each of three healthy demo runs at some steps, on gold-judge "falls" as small as 0.004.
+    half (Welch's). Detail: a step's mean score over one batch of rollouts is noisy; comparing the halves' means
+    alone flagged healthy demo runs on gold-judge "falls" far inside that noise (figures: docs/measurements.md,
+    "Reward-hacking guardrail").
     """
     half = len(window) // 2
     first, second = window[:half], window[-half:]

@@ -27,9 +27,9 @@ class BF16Sampler:
     """A bfloat16 copy of a fully trained policy to sample from under bf16, refreshed before each rollout.
 
     Detail: decoding one token reads every weight; under autocast it also casts them and pays autocast's
-    per-operation dispatch, so sampling from float32 master weights is slower than from a bfloat16 copy
-    (measured on CPU, demo model, 16 rollouts: 82 ms per token from the copy with SDPA attention, 120-145 ms
-    under autocast). The copy costs half the policy's memory and one cast per step (about 60 ms). The
+    per-operation dispatch, so sampling from float32 master weights is slower than from a bfloat16 copy. The
+    copy costs half the policy's memory and one cast per step, less than it saves (figures: docs/measurements.md,
+    "Sampling from a bfloat16 copy"). The
     log-probabilities it records are those of the bf16-rounded weights, which is what the update's autocast
     forward pass computes with as well.
     """

@@ -71,15 +71,14 @@ def completion_logits_trainer(sft_trainer: type) -> type:
 
     TRL's SFTTrainer computes the loss with a fused, chunked LM head that never builds the (batch, length,
     vocabulary) logits. Without Triton (on CPU) that head projects every position, padding and prompt included, in
-    float32 even under bf16 autocast: 4.1 s against 2.9 s for the forward and backward pass of 8 demo sequences
-    here. On CPU the transformer body runs as usual and the head projects only the positions whose next token is
-    scored (the completion, with ``completionOnlyLoss``; no padding): about half of a demo sequence, and the LM head
-    is a fifth of SmolLM2-135M's work per position. The loss is the model's own (cross-entropy in float32, summed
-    and divided by the batch's scored tokens as transformers does), the token accuracy comes from the same logits (8
-    demo examples, forward and backward: 4.4 s against 5.4 with all the logits, in float32 on a 2-core AMD EPYC).
-    Under DistributedDataParallel, whose gradient synchronisation expects its own forward call, or where the Trainer
-    computes the loss itself from the logits (label smoothing, a ``compute_loss_func``), the model's forward pass
-    computes all the logits instead.
+    float32 even under bf16 autocast, which makes the pass slower. On CPU the transformer body runs as usual and the
+    head projects only the positions whose next token is scored (the completion, with ``completionOnlyLoss``; no
+    padding): about half of a demo sequence, and the LM head is a fifth of SmolLM2-135M's work per position. The
+    loss is the model's own (cross-entropy in float32, summed and divided by the batch's scored tokens as
+    transformers does), the token accuracy comes from the same logits (figures: docs/measurements.md, "SFT's LM
+    head"). Under DistributedDataParallel, whose gradient synchronisation expects its own forward call, or where
+    the Trainer computes the loss itself from the logits (label smoothing, a ``compute_loss_func``), the model's
+    forward pass computes all the logits instead.
     """
     from transformers import Trainer
     from transformers.loss.loss_utils import fixed_cross_entropy
