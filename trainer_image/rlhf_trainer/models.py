@@ -1,7 +1,7 @@
 """Loading tokenizers and models the way every stage needs them.
 
-* Tokenizer: an explicit pad token distinct from EOS (a new ``<|pad|>`` when the model has none, as the
-  seeds add ``[PAD]``), left padding for generation, and the spec's chat template when given.
+* Tokenizer: an explicit pad token distinct from EOS (a new ``<|pad|>`` when the model has none), left
+  padding for generation, and the spec's chat template when given.
 * Causal LMs (SFT, policy, reference) and sequence classifiers with ``num_labels=1`` (reward, value).
 * dtype ``auto``: float32. Weights that are trained stay float32 (under ``bf16`` they are the master weights and
   the products run in bfloat16 under autocast: mixed precision, as TRL's and DeepSpeed's bf16 train); weights that
