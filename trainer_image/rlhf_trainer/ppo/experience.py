@@ -28,22 +28,29 @@ class Rollout(Sequences):
     scores: torch.Tensor  # (B,) rm_scores after the missing-EOS penalty
 
     def select(self, rows: torch.Tensor) -> "Rollout":
-        """The rollouts at ``rows``, with the columns that are padding in all of them trimmed away."""
-        picked = {f.name: getattr(self, f.name)[rows] for f in fields(self)}
+        """The rollouts at ``rows``, with the columns that are padding in all of them trimmed away (fields that are
+        not per-rollout tensors are shared)."""
+        picked = {f.name: getattr(self, f.name) for f in fields(self)}
+        picked.update({name: value[rows] for name, value in picked.items() if isinstance(value, torch.Tensor)})
         first_prompt_column = int(picked["query_mask"].any(dim=0).int().argmax())
         width = int(picked["lengths"].max())
         for name, value in picked.items():
             if name in ("queries", "query_mask"):
                 picked[name] = value[:, first_prompt_column:]
-            elif value.dim() == 2:
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:
                 picked[name] = value[:, :width]
         return type(self)(**picked)
 
 
 @dataclass
 class Experience(Rollout):
-    """A rollout with its per-token rewards, advantages and value targets (step 3 and 4 of the loop)."""
+    """A rollout with its per-token rewards, advantages and value targets (steps 3 and 4 of the loop)."""
 
+    kl: torch.Tensor  # (B, R) the per-token KL estimate to the reference; 0 on padding
     rewards: torch.Tensor  # (B, R) -beta * KL per token, plus the score on the last token
     advantages: torch.Tensor  # (B, R) GAE advantages, whitened over the whole batch
     returns: torch.Tensor  # (B, R) value targets: GAE advantages (before whitening) + values
+    gold_scores: torch.Tensor | None = None  # (B,) the gold judge's scores, when the spec names a judge
+    # The loss sums of the first epoch's value update when the value pass already ran it (its gradients are in
+    # place): see PPOTrainer.value_pass_trains. None otherwise.
+    value_loss_sums: dict[str, torch.Tensor] | None = None

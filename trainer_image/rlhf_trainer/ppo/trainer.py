@@ -1,15 +1,16 @@
-"""The PPO loop for RLHF, one step at a time (read :meth:`PPOTrainer.train_step` top to bottom).
+"""The PPO loop for RLHF, one step at a time; :meth:`PPOTrainer.train_step` reads as the algorithm.
 
 One step, as in Ziegler et al. 2019 and Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"):
 
-1. rollout: sample a response to each of this step's prompts with the current policy;
-2. evaluate: truncate at the stop token, score with the reward model, one forward pass of the reference (the
-   policy's log-probabilities come from the sampling pass);
-3. rewards: a KL penalty on every token, the score on the last one;
-4. values and advantages: one forward pass of the value model, GAE, advantages whitened over the batch;
-5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
-6. adapt the KL coefficient, log the step's metrics and guardrail flags;
-7. checkpoint every ``saveSteps`` steps (and when stopped by SIGTERM).
+* :meth:`~PPOTrainer.make_experience`:
+  1. rollout: sample a response to each of this step's prompts with the current policy;
+  2. score: truncate at the stop token, score with the reward model, one forward pass of the reference (the
+     policy's log-probabilities come from the sampling pass);
+  3. rewards: a KL penalty on every token, the score on the last one;
+  4. values and advantages: one forward pass of the value model, GAE, advantages whitened over the batch;
+* :meth:`~PPOTrainer.update`: 5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
+* 6. adapt the KL coefficient; :meth:`~PPOTrainer.record` logs the step's metrics and guardrail flags;
+* :meth:`~PPOTrainer.train`: 7. checkpoint every ``saveSteps`` steps (and when stopped by SIGTERM).
 
 Prefixes: ``b_`` would be the batch, but the batch is :class:`Experience` itself; ``mini`` and ``micro`` are a
 mini-batch (one optimizer step) and a micro-batch (one forward/backward pass).
@@ -60,6 +61,23 @@ from rlhf_trainer.reward_scoring import reward_scores
 
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
+
+
+class Laps:
+    """Seconds spent in each phase of a step, read off ``clock`` at the end of each."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.started = self.last = clock()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = self.clock()
+        self.seconds[phase], self.last = now - self.last, now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.started
 
 
 class Stopped(Exception):
@@ -113,7 +131,7 @@ class PPOTrainer:
         judge: Judge | None = None,
         log: MetricsLog | None = None,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.models = models
         self.prompts = list(prompts)
         self.world = world
@@ -138,6 +156,9 @@ class PPOTrainer:
         self.sampler = (BF16Sampler(self.policy.module) if self.bf16 and not settings.lora.enabled
                         and settings.distributed.zero_stage < 3 else None)
         self.value = learner(models.value, settings.value_learning_rate or settings.learning_rate)
+        # With one mini-batch per epoch, the first epoch's value update would repeat the value pass's forward pass
+        # (same weights, same rows): the value pass then keeps its graph and is that update (one forward saved).
+        self.value_pass_trains = self.sizes.local_mini_batch == self.sizes.local_batch
         self.kl_ctl = make_kl_controller(settings.kl_coef, settings.target_kl, settings.kl_horizon)
         self.guardrails = Guardrails(settings.guardrails)
         self.step = 0  # PPO steps done; also the data position (see episodes_of_step)
@@ -158,7 +179,7 @@ class PPOTrainer:
                 if checkpoint is not None:
                     checkpoint(self)
                 raise
-            if checkpoint is not None and self.step % self.s.save_steps == 0 and self.step < self.sizes.steps:
+            if checkpoint is not None and self.step % self.settings.save_steps == 0 and self.step < self.sizes.steps:
                 checkpoint(self)
         return self.history
 
@@ -170,92 +191,64 @@ class PPOTrainer:
         return time.perf_counter()
 
     def train_step(self) -> dict[str, float]:
-        s, world = self.s, self.world
-        started = self.clock()
-        episodes = self.episodes_of_step(self.step)
-        prompts = [self.prompt_of(e) for e in episodes]
+        """One PPO step: experience from the current policy, the PPO epochs on it, KL control, the step's metrics."""
+        laps = Laps(self.clock)
+        experience = self.make_experience(self.episodes_of_step(self.step), laps)
+        update_stats = self.update(experience)
+        laps.lap("update")
+        kl_per_response = self.mean(experience.kl.sum(1))
+        beta = self.kl_ctl.value  # the coefficient this step's rewards were computed with
+        self.kl_ctl.update(kl_per_response, self.settings.batch_size)
+        self.step += 1
+        return self.record(experience, update_stats, beta, kl_per_response, laps)
 
-        # 1. Rollout: sample responses with the current policy (KV cache, no autograd; full weights under ZeRO-3;
-        #    under bf16 from a bfloat16 copy of the current weights; each linear layer from a copy made for
-        #    decoding: LoRA adapters folded in, packed for oneDNN on CPU). The sampling pass also gives each
-        #    token's log-probability under the policy: no extra forward pass.
+    # ----------------------------------------------------------------------------------- experience
+
+    def make_experience(self, episodes: Sequence[int], laps: Laps) -> Experience:
+        """Steps 1-4: rollouts of ``episodes``, their scores, per-token rewards, values and advantages."""
+        prompts = [self.prompt_of(e) for e in episodes]
         queries, query_mask = left_pad(encode_prompts(self.models.tokenizer, prompts, self.chat), self.pad_id)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        responses, logprobs = self.rollout(episodes, queries, query_mask)
+        self.raise_if_stopped()
+        laps.lap("generate")
+
+        rollout, texts = self.score_rollouts(episodes, prompts, queries, query_mask, responses, logprobs)
+        gold = self.judge.score(prompts, texts) if self.judge is not None else None
+        laps.lap("score")
+        self.raise_if_stopped()
+
+        kl, rewards = self.rewards(rollout)
+        values, value_loss_sums = self.value_pass(rollout, rewards)
+        advantages, returns = gae(rewards, values, rollout.mask, self.settings.gamma, self.settings.lam)
+        advantages = masked_whiten(advantages, rollout.mask, reduce=self.world.all_sum)
+        return Experience(**_fields(dataclasses.replace(rollout, values=values)), rewards=rewards, kl=kl,
+                          advantages=advantages, returns=returns,
+                          gold_scores=None if gold is None else torch.tensor(gold, device=self.device),
+                          value_loss_sums=value_loss_sums)
+
+    def rollout(self, episodes: Sequence[int], queries: torch.Tensor,
+                query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 1: sample a response to each query with the current policy, and each token's log-probability.
+
+        KV cache, no autograd; full weights under ZeRO-3; under bf16 from a bfloat16 copy of the current weights;
+        each linear layer from a copy made for decoding (:mod:`rlhf_trainer.accelerations.decoding_weights`). The
+        log-probabilities come from the sampling pass itself: no extra forward pass.
+        """
         sampler = self.sampler.refreshed() if self.sampler else self.policy.model
         with (self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None),
               attention_kernel(sampler, "sdpa"), decoding_weights(sampler, rows=len(episodes))):
-            responses, logprobs = sample_responses(
-                sampler, queries, query_mask, s.generation, stop_token_id=self.stop_id, pad_token_id=self.pad_id,
-                generators=episode_generators(s.seed, episodes, self.device), interrupted=lambda: self.stop_requested)
-        self.raise_if_stopped()
-        generated = self.clock()
+            return sample_responses(
+                sampler, queries, query_mask, self.settings.generation, stop_token_id=self.stop_id,
+                pad_token_id=self.pad_id, generators=episode_generators(self.settings.seed, episodes, self.device),
+                interrupted=lambda: self.stop_requested)
 
-        # 2. Evaluate the rollouts: stop-token truncation, reward-model scores, reference log-probs.
-        rollout, texts = self.evaluate(episodes, prompts, queries, query_mask, responses, logprobs)
-        gold = self.judge.score(prompts, texts) if self.judge is not None else None
-        scored = self.clock()
-        self.raise_if_stopped()
-
-        # 3. Rewards: -beta * KL(pi || pi_ref) on every token, plus the score on the last token.
-        beta = self.kl_ctl.value
-        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, s.kl_estimator) * rollout.mask
-        rewards = token_rewards(rollout.scores, kl, rollout.mask, rollout.lengths, beta)
-        if s.whiten_rewards:
-            rewards = masked_whiten(rewards, rollout.mask, shift_mean=False, reduce=world.all_sum)
-
-        # 4. Values, then advantages: GAE over the response tokens, whitened with the whole batch's statistics.
-        #    With one mini-batch per epoch, the value pass is also the first epoch's value update.
-        values, first_value_update = self.value_pass(
-            rollout, rewards, first_update=self.sizes.local_mini_batch == self.sizes.local_batch)
-        advantages, returns = gae(rewards, values, rollout.mask, s.gamma, s.lam)
-        advantages = masked_whiten(advantages, rollout.mask, reduce=world.all_sum)
-        experience = Experience(**_fields(dataclasses.replace(rollout, values=values)), rewards=rewards,
-                                advantages=advantages, returns=returns)
-
-        # 5. PPO epochs over shuffled mini-batches.
-        update_stats = self.update(experience, first_value_update)
-        updated = self.clock()
-
-        # 6. Adapt beta to this step's KL (nats per response), log, check the guardrails.
-        kl_per_response = self.mean(kl.sum(1))
-        self.kl_ctl.update(kl_per_response, s.batch_size)
-        self.step += 1
-        metrics = {
-            "step": self.step,
-            "episodes": self.step * s.batch_size,
-            "objective/rm_score": self.mean(rollout.rm_scores),
-            "objective/scores": self.mean(rollout.scores),
-            "objective/kl": self.token_mean(kl, rollout.mask),
-            "objective/kl_sum": kl_per_response,
-            "objective/kl_coef": beta,
-            "objective/non_score_reward": -beta * kl_per_response,
-            "objective/rlhf_reward": self.mean(rollout.scores) - beta * kl_per_response,
-            "objective/entropy": self.token_mean(-rollout.logprobs, rollout.mask),
-            **({"objective/gold_score": self.mean(torch.tensor(gold, device=self.device))} if gold else {}),
-            **update_stats,
-            "val/mean": self.token_mean(rollout.values, rollout.mask),
-            "val/returns": self.token_mean(returns, rollout.mask),
-            "response/length": self.mean(rollout.lengths.float()),
-            "response/eos_rate": self.mean(rollout.has_stop.float()),
-            "lr/policy": self.policy.lr,
-            "lr/value": self.value.lr,
-            "time/generate": generated - started,
-            "time/score": scored - generated,
-            "time/update": updated - scored,  # the value pass included
-            "time/step": updated - started,
-            "throughput/tokens_per_s": float(world.all_sum(rollout.lengths.sum().float())) / (updated - started),
-        }
-        metrics.update(self.guardrails.check(metrics))
-        self.history.append(metrics)
-        self.log.write(metrics)
-        return metrics
-
-    def evaluate(self, episodes: Sequence[int], prompts: Sequence[str], queries: torch.Tensor,
-                 query_mask: torch.Tensor, responses: torch.Tensor,
-                 logprobs: torch.Tensor) -> tuple[Rollout, list[str]]:
-        """Step 2: score the responses; run the reference once over them (in micro-batches). The rollout's
-        values are zero until :meth:`value_pass`."""
-        s = self.s
+    def score_rollouts(self, episodes: Sequence[int], prompts: Sequence[str], queries: torch.Tensor,
+                       query_mask: torch.Tensor, responses: torch.Tensor,
+                       logprobs: torch.Tensor) -> tuple[Rollout, list[str]]:
+        """Step 2: truncate at the stop token, score with the reward model, and run the reference once over the
+        responses (in micro-batches). The rollout's values are zero until :meth:`value_pass`."""
+        settings = self.settings
         responses, lengths, has_stop = truncate_at_stop(responses, self.stop_id, self.pad_id)
         mask = response_mask(lengths, responses.shape[1])
         texts = [self.models.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
@@ -266,7 +259,7 @@ class PPOTrainer:
             with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
                 rm_scores = reward_scores(reward_model, self.models.reward_tokenizer, prompts, texts,
                                           chat=self.reward_chat, batch_size=self.sizes.micro_batch)
-            scores = apply_missing_eos_penalty(rm_scores, has_stop, s.missing_eos_penalty)
+            scores = apply_missing_eos_penalty(rm_scores, has_stop, settings.missing_eos_penalty)
             rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
                               query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
                               has_stop=has_stop, logprobs=logprobs * mask, ref_logprobs=torch.zeros_like(logprobs),
@@ -277,79 +270,62 @@ class PPOTrainer:
                     rollout.ref_logprobs[rows, :ref_logprobs.shape[1]] = ref_logprobs
         return rollout, texts
 
-    def value_pass(self, rollout: Rollout, rewards: torch.Tensor,
-                   first_update: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def rewards(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3: the per-token KL estimate, and rewards: -beta * KL on every token plus the score on the last.
+
+        Returns:
+            kl (B, R), rewards (B, R).
+        """
+        settings = self.settings
+        kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, settings.kl_estimator) * rollout.mask
+        rewards = token_rewards(rollout.scores, kl, rollout.mask, rollout.lengths, self.kl_ctl.value)
+        if settings.whiten_rewards:
+            rewards = masked_whiten(rewards, rollout.mask, shift_mean=False, reduce=self.world.all_sum)
+        return kl, rewards
+
+    def value_pass(self, rollout: Rollout,
+                   rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Step 4's values V_old: one forward pass of the value model over the rollouts, in micro-batches.
 
-        Detail: when each PPO epoch is one mini-batch (the whole batch), the first epoch's value update would
-        run this same forward pass again (same weights, same rows). With ``first_update`` this pass is also
-        that update's: each micro-batch keeps its graph just long enough for its value loss (a rollout's GAE
-        returns need only its own rewards and values) and its backward pass, and :meth:`update` only steps the
-        value optimizer for it. Returns the values (no graph) and that first update's loss sums, or None when
-        the update is left to :meth:`update`.
+        With :attr:`value_pass_trains` this pass is also the first epoch's value update: each micro-batch keeps
+        its graph just long enough for its value loss (a rollout's GAE returns need only its own rewards and
+        values) and its backward pass. Returns the values (no graph) and that update's loss sums (None when the
+        update is left to :meth:`update`).
         """
-        s = self.s
+        trains = self.value_pass_trains
         values = torch.zeros_like(rollout.logprobs)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         tokens = self.world.all_sum(rollout.mask.sum().float()).clamp(min=1)  # the update's token count
         for rows in self.micro_batch_rows(len(rollout.lengths)):
             micro = rollout.select(rows)
-            with torch.set_grad_enabled(first_update), autocast(self.device, self.bf16):
+            with torch.set_grad_enabled(trains), autocast(self.device, self.bf16):
                 micro_values = response_values(self.value.model, micro)
             width = micro_values.shape[1]
             values[rows, :width] = micro_values.detach()
-            if first_update:
-                returns = gae(rewards[rows, :width], micro_values.detach(), micro.mask, s.gamma, s.lam)[1]
+            if trains:
+                returns = gae(rewards[rows, :width], micro_values.detach(), micro.mask, self.settings.gamma,
+                              self.settings.lam)[1]
                 self.value_backward(micro_values, micro_values.detach(), returns, micro.mask, tokens, sums)
-        return values, (sums if first_update else None)
+        return values, (sums if trains else None)
 
-    def value_backward(self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, tokens: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
-        """The clipped value loss of a micro-batch (a share of the mini-batch's token mean), backpropagated."""
-        vf_loss, vf_clipped = value_loss(values, old_values, returns, mask, self.s.cliprange_value)
-        self.value.backward(self.s.vf_coef * vf_loss.sum() / tokens)
-        sums["loss/value"] += vf_loss.detach().sum()
-        sums["val/clipfrac"] += vf_clipped.sum()
+    # ------------------------------------------------------------------------------------------ update
 
-    def update(self, experience: Experience, first_value_update: dict[str, torch.Tensor] | None = None
-               ) -> dict[str, float]:
+    def update(self, experience: Experience) -> dict[str, float]:
         """Step 5: ``numPpoEpochs`` passes over the batch in shuffled mini-batches, one optimizer step each.
 
-        ``first_value_update``: the loss sums of the first mini-batch's value update when :meth:`value_pass`
-        ran it (its gradients are in place): that mini-batch then only steps the value optimizer.
+        When the value pass already ran the first epoch's value update (``experience.value_loss_sums``; its
+        gradients are in place), that mini-batch only steps the value optimizer.
         """
-        s, sizes = self.s, self.sizes
+        settings, sizes = self.settings, self.sizes
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        sums.update(first_value_update or {})
+        sums.update(experience.value_loss_sums or {})
         grad_norms: dict[str, list[float]] = defaultdict(list)
-        for epoch in range(s.num_ppo_epochs):
-            order = torch.randperm(sizes.local_batch, generator=seeding.generator(s.seed, "order", self.step, epoch))
+        for epoch in range(settings.num_ppo_epochs):
+            order = torch.randperm(sizes.local_batch,
+                                   generator=seeding.generator(settings.seed, "order", self.step, epoch))
             for mini_rows in order.to(self.device).split(sizes.local_mini_batch):
-                mini = experience.select(mini_rows)
-                value_done = first_value_update is not None and epoch == 0
-                # Losses are token means over the whole mini-batch (every micro-batch of every process).
-                tokens = self.world.all_sum(mini.mask.sum().float()).clamp(min=1)
-                for micro_rows in self.micro_batch_rows(len(mini_rows)):
-                    micro = mini.select(micro_rows)
-                    # The value loss first: at most one model's autograd graph is alive at a time.
-                    if not value_done:
-                        with autocast(self.device, self.bf16):
-                            values = response_values(self.value.model, micro)
-                        self.value_backward(values, micro.values, micro.returns, micro.mask, tokens, sums)
-
-                    with autocast(self.device, self.bf16):
-                        logprobs, entropy = response_logprobs(self.policy.model, micro, self.temperature,
-                                                              with_entropy=True)
-                    pg_loss, pg_clipped, approx_kl = policy_loss(logprobs, micro.logprobs, micro.advantages,
-                                                                 micro.mask, s.cliprange)
-                    self.policy.backward(pg_loss.sum() / tokens)
-
-                    mask = micro.mask
-                    sums["loss/policy"] += pg_loss.detach().sum()
-                    sums["policy/clipfrac"] += pg_clipped.sum()
-                    sums["policy/approxkl"] += (approx_kl * mask).sum()
-                    sums["policy/entropy"] += (entropy * mask).sum()
-                    sums["tokens"] += mask.sum()
+                value_done = experience.value_loss_sums is not None and epoch == 0
+                self.mini_batch_backward(experience.select(mini_rows), sums, train_value=not value_done)
                 grad_norms["policy/grad_norm"].append(self.policy.step())
                 grad_norms["val/grad_norm"].append(self.value.step())
         names = sorted(sums)
@@ -359,6 +335,74 @@ class PPOTrainer:
         stats.update({n: sum(v) / len(v) for n, v in grad_norms.items()})
         return stats
 
+    def mini_batch_backward(self, mini: Experience, sums: dict[str, torch.Tensor], *, train_value: bool) -> None:
+        """The value and policy losses of one mini-batch, micro-batch by micro-batch, backpropagated; each loss is
+        a token mean over the whole mini-batch (every micro-batch of every process)."""
+        tokens = self.world.all_sum(mini.mask.sum().float()).clamp(min=1)
+        for micro_rows in self.micro_batch_rows(len(mini.lengths)):
+            micro = mini.select(micro_rows)
+            # The value loss first: at most one model's autograd graph is alive at a time.
+            if train_value:
+                with autocast(self.device, self.bf16):
+                    values = response_values(self.value.model, micro)
+                self.value_backward(values, micro.values, micro.returns, micro.mask, tokens, sums)
+
+            with autocast(self.device, self.bf16):
+                logprobs, entropy = response_logprobs(self.policy.model, micro, self.temperature, with_entropy=True)
+            pg_loss, pg_clipped, approx_kl = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.mask,
+                                                         self.settings.cliprange)
+            self.policy.backward(pg_loss.sum() / tokens)
+
+            mask = micro.mask
+            sums["loss/policy"] += pg_loss.detach().sum()
+            sums["policy/clipfrac"] += pg_clipped.sum()
+            sums["policy/approxkl"] += (approx_kl * mask).sum()
+            sums["policy/entropy"] += (entropy * mask).sum()
+            sums["tokens"] += mask.sum()
+
+    def value_backward(self, values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, tokens: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """The clipped value loss of a micro-batch (a share of the mini-batch's token mean), backpropagated."""
+        vf_loss, vf_clipped = value_loss(values, old_values, returns, mask, self.settings.cliprange_value)
+        self.value.backward(self.settings.vf_coef * vf_loss.sum() / tokens)
+        sums["loss/value"] += vf_loss.detach().sum()
+        sums["val/clipfrac"] += vf_clipped.sum()
+
+    # ----------------------------------------------------------------------------------------- logging
+
+    def record(self, experience: Experience, update_stats: dict[str, float], beta: float, kl_per_response: float,
+               laps: Laps) -> dict[str, float]:
+        """Step 6: the step's metrics (over every process) and guardrail flags, kept and logged."""
+        mask, scores = experience.mask, self.mean(experience.scores)
+        metrics = {
+            "step": self.step,
+            "episodes": self.step * self.settings.batch_size,
+            "objective/rm_score": self.mean(experience.rm_scores),
+            "objective/scores": scores,
+            "objective/kl": self.token_mean(experience.kl, mask),
+            "objective/kl_sum": kl_per_response,
+            "objective/kl_coef": beta,
+            "objective/non_score_reward": -beta * kl_per_response,
+            "objective/rlhf_reward": scores - beta * kl_per_response,
+            "objective/entropy": self.token_mean(-experience.logprobs, mask),
+            **({"objective/gold_score": self.mean(experience.gold_scores)}
+               if experience.gold_scores is not None and experience.gold_scores.numel() else {}),
+            **update_stats,
+            "val/mean": self.token_mean(experience.values, mask),
+            "val/returns": self.token_mean(experience.returns, mask),
+            "response/length": self.mean(experience.lengths.float()),
+            "response/eos_rate": self.mean(experience.has_stop.float()),
+            "lr/policy": self.policy.lr,
+            "lr/value": self.value.lr,
+            **{f"time/{phase}": seconds for phase, seconds in laps.seconds.items()},  # update: the value pass too
+            "time/step": laps.total,
+            "throughput/tokens_per_s": float(self.world.all_sum(experience.lengths.sum().float())) / laps.total,
+        }
+        metrics.update(self.guardrails.check(metrics))
+        self.history.append(metrics)
+        self.log.write(metrics)
+        return metrics
+
     def micro_batch_rows(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Row indices ``0 .. rows-1`` in micro-batches (one forward/backward pass each)."""
         return torch.arange(rows, device=self.device).split(self.sizes.micro_batch)
@@ -367,14 +411,15 @@ class PPOTrainer:
 
     def episodes_of_step(self, step: int) -> list[int]:
         """This process's episodes of a step: its contiguous share of the step's global episode range."""
-        first = step * self.s.batch_size + self.world.rank * self.sizes.local_batch
+        first = step * self.settings.batch_size + self.world.rank * self.sizes.local_batch
         return list(range(first, first + self.sizes.local_batch))
 
     def prompt_of(self, episode: int) -> str:
         """The prompt of a global episode: prompts are visited in a fresh seeded order each pass over them."""
         data_epoch, position = divmod(episode, len(self.prompts))
         if data_epoch not in self._prompt_orders:
-            order = torch.randperm(len(self.prompts), generator=seeding.generator(self.s.seed, "prompts", data_epoch))
+            order = torch.randperm(len(self.prompts),
+                                   generator=seeding.generator(self.settings.seed, "prompts", data_epoch))
             self._prompt_orders = {data_epoch: order}
         return self.prompts[int(self._prompt_orders[data_epoch][position])]
 
