@@ -22,6 +22,7 @@ from typing import Any
 from rlhf_api.spec import Stage
 
 COMMAND = "rlhf-train"
+MODULE = "rlhf_trainer"  # the same entrypoint as `python -m` / `torchrun --module` runs it
 EXIT_CONFIG_ERROR = 78  # the spec or an input is wrong (sysexits' EX_CONFIG)
 EXIT_INTEGRITY_ERROR = 79  # an input failed its checksum
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report; the stage checkpointed first
@@ -40,7 +41,7 @@ TRAINER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 
 def trainer_args(stage: Stage, config: str, *, workspace: str | None = None, dry_run: bool = False) -> list[str]:
-    """The arguments after ``rlhf-train`` (or ``torchrun --module rlhf_trainer``)."""
+    """The arguments after ``rlhf-train`` (or ``python -m rlhf_trainer``, ``torchrun --module rlhf_trainer``)."""
     return [stage.value, "--config", config, *(["--workspace", workspace] if workspace else []),
             *(["--dry-run"] if dry_run else [])]
 

@@ -51,7 +51,7 @@ class RunResult:
 def trainer_command(stage: Stage, config_path: Path, workspace: Path) -> list[str]:
     """The same entrypoint a Job runs: ``rlhf-train STAGE --config FILE`` (from this interpreter's env)."""
     exe = Path(sys.executable).parent / entrypoint.COMMAND
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_trainer"]
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", entrypoint.MODULE]
     return [*head, *entrypoint.trainer_args(stage, str(config_path), workspace=str(workspace))]
 
 

@@ -185,7 +185,7 @@ def trainer_env(doc: RLHFPipeline, stage: Stage, job: str) -> list[dict[str, Any
 def trainer_command(stage: Stage, settings: StageCommon, dry_run: bool) -> list[str]:
     args = entrypoint.trainer_args(stage, f"{CONFIG_DIR}/{names.CONFIG_KEY}", dry_run=dry_run)
     if settings.distributed.procs_per_node > 1:
-        return ["torchrun", "--module", "rlhf_trainer", *args]
+        return ["torchrun", "--module", entrypoint.MODULE, *args]
     return [entrypoint.COMMAND, *args]
 
 

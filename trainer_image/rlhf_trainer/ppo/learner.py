@@ -40,8 +40,8 @@ def adamw(params: list[torch.nn.Parameter], lr: float, eager_state: bool = False
 
     ``eager_state``: allocate the moments now, as the first ``step()`` would (zeros, step 0), instead of in the
     middle of the first update. The run's peak memory is then reached in its first step, not its second (where
-    the moments first live beside the activations and gradients: about a GB of new pages for the demo model's
-    full fine-tuning, 1 s of page faults), and a process that cannot hold them fails before its first rollout.
+    the moments would first live beside the activations and gradients), and a process that cannot hold them fails
+    before its first rollout (figures: docs/measurements.md, "Memory and checkpoint costs").
     """
     optimizer = torch.optim.AdamW(params, lr=lr, eps=ADAM_EPS, fused=True)
     if eager_state:

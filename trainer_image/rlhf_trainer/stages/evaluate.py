@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlhf_api import metric_keys
-from rlhf_api.spec import EvaluateSpec
+from rlhf_api.spec import EvaluateSpec, ModelSpec
 from rlhf_trainer import models, reward_scoring
 from rlhf_trainer.data import load_prompts, write_jsonl
 from rlhf_trainer.generation import Sample, sample
@@ -109,61 +109,77 @@ def run(ws: Workspace) -> dict[str, Any]:
     settings: EvaluateSpec = ws.config.stage_settings()  # type: ignore[assignment]
     held_out = load_prompts(settings.prompts, ws)
     prompts = [p for p in held_out for _ in range(settings.samples_per_prompt)]
-    dev = models.device()
     spec = models.frozen_spec(ws.config.model, models.cuda_bf16())  # both policies only answer: bf16 on a GPU
-    judge = make_judge(settings.judge.type)
 
-    def answer(role: str) -> tuple[Any, Any, list[Sample], Path]:
-        path = ws.fetch_dir(role)
-        tok = models.load_tokenizer(path, spec)
-        net = models.freeze(models.load_causal_lm(path, spec, tok).to(dev))
-        out = sample(net, tok, prompts, settings.generation, batch_size=settings.batch_size, seed=settings.seed,
-                     use_chat_template=spec.tokenizer.use_chat_template, desc=f"{role} answering")
-        return net, tok, out, path
-
-    ref_model, tokenizer, ref_samples, ref_dir = answer("reference")
-    results: dict[str, dict[str, Any]] = {}
-    samples = {"sft": ref_samples}
+    ref_model, tokenizer, ref_samples, ref_dir = answer(ws, "reference", spec, settings, prompts)
+    samples, dirs = {"sft": ref_samples}, {"sft": ref_dir}
     if "policy" in ws.config.inputs:
-        _, _, samples["policy"], policy_dir = answer("policy")
+        _, _, samples["policy"], dirs["ppo"] = answer(ws, "policy", spec, settings, prompts)
+    judge = make_judge(settings.judge.type)
     judge_scores = {name: judge.score(prompts, [s.text for s in out]) for name, out in samples.items()}
-
     rm_scores: dict[str, list[float]] = {}
-    reward_dir = None
     if "reward_model" in ws.config.inputs:
-        reward_dir = ws.fetch_dir("reward_model")
-        rm_tok = models.load_tokenizer(reward_dir, spec)
-        rm = models.freeze(models.load_sequence_classifier(reward_dir, spec, rm_tok).to(dev))
-        chat = uses_chat_template(rm_tok, spec.tokenizer.use_chat_template)
-        rm_scores = {name: reward_scoring.score(rm, rm_tok, prompts, [s.text for s in out], chat=chat)
-                     for name, out in samples.items()}
-        del rm
+        dirs["reward"] = ws.fetch_dir("reward_model")
+        rm_scores = reward_model_scores(dirs["reward"], spec, prompts, samples)
 
-    for name, out in samples.items():
-        results[name] = summarize(out, judge_scores[name], rm_scores.get(name))
-    metrics: dict[str, Any] = {"prompts": len(held_out),
-                               "samples_per_prompt": settings.samples_per_prompt,
+    kl = None
+    if "policy" in samples:
+        kl = mean_kl_per_token([torch.tensor(s.logprobs) for s in samples["policy"]],
+                               sample_logprobs(ref_model, samples["policy"], tokenizer.pad_token_id,
+                                               settings.generation.temperature))
+    metrics = compare(len(held_out), settings.samples_per_prompt, samples, judge_scores, rm_scores, kl)
+    write_outputs(ws.output_dir, metrics, samples, judge_scores, rm_scores, dirs)
+    return metrics
+
+
+def answer(ws: Workspace, role: str, spec: ModelSpec, settings: EvaluateSpec,
+           prompts: list[str]) -> tuple[Any, Any, list[Sample], Path]:
+    """The model of input ``role`` answering every prompt: (model, tokenizer, samples, its folder)."""
+    path = ws.fetch_dir(role)
+    tok = models.load_tokenizer(path, spec)
+    net = models.freeze(models.load_causal_lm(path, spec, tok).to(models.device()))
+    out = sample(net, tok, prompts, settings.generation, batch_size=settings.batch_size, seed=settings.seed,
+                 use_chat_template=spec.tokenizer.use_chat_template, desc=f"{role} answering")
+    return net, tok, out, path
+
+
+def reward_model_scores(reward_dir: Path, spec: ModelSpec, prompts: list[str],
+                        samples: dict[str, list[Sample]]) -> dict[str, list[float]]:
+    """The reward model's score of every answer, by model."""
+    tokenizer = models.load_tokenizer(reward_dir, spec)
+    rm = models.freeze(models.load_sequence_classifier(reward_dir, spec, tokenizer).to(models.device()))
+    chat = uses_chat_template(tokenizer, spec.tokenizer.use_chat_template)
+    return {name: reward_scoring.score(rm, tokenizer, prompts, [s.text for s in out], chat=chat)
+            for name, out in samples.items()}
+
+
+def compare(prompts: int, samples_per_prompt: int, samples: dict[str, list[Sample]],
+            judge_scores: dict[str, list[float]], rm_scores: dict[str, list[float]],
+            kl: float | None) -> dict[str, Any]:
+    """The stage's metrics: each model's summary, and the policy's win rate, judge gain and KL against pi_SFT."""
+    results = {name: summarize(out, judge_scores[name], rm_scores.get(name)) for name, out in samples.items()}
+    metrics: dict[str, Any] = {"prompts": prompts, "samples_per_prompt": samples_per_prompt,
                                **{metric_keys.SFT + k: v for k, v in results["sft"].items()}}
     if "policy" in samples:
-        pad = tokenizer.pad_token_id
-        temperature = settings.generation.temperature
-        kl = mean_kl_per_token([torch.tensor(s.logprobs) for s in samples["policy"]],
-                               sample_logprobs(ref_model, samples["policy"], pad, temperature))
         metrics.update({metric_keys.POLICY + k: v for k, v in results["policy"].items()})
         metrics[metric_keys.POLICY + metric_keys.WIN_RATE] = win_rate(judge_scores["policy"], judge_scores["sft"])
         metrics["policy/judge_gain"] = (results["policy"][metric_keys.JUDGE_MEAN]
                                         - results["sft"][metric_keys.JUDGE_MEAN])
         metrics[metric_keys.POLICY + metric_keys.KL_PER_TOKEN] = kl
-    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
-    write_jsonl(ws.output_dir / "samples.jsonl", (
+
+def write_outputs(out: Path, metrics: dict[str, Any], samples: dict[str, list[Sample]],
+                  judge_scores: dict[str, list[float]], rm_scores: dict[str, list[float]],
+                  dirs: dict[str, Path]) -> None:
+    """``samples.jsonl``, ``metrics.json`` and ``evaluation.png`` (with the earlier stages' training curves)."""
+    write_jsonl(out / "samples.jsonl", (
         {"model": name, "prompt": s.prompt, "response": s.text, "judge": judge_scores[name][i],
          **({"rm": rm_scores[name][i]} if name in rm_scores else {})}
-        for name, out in samples.items() for i, s in enumerate(out)))
-    (ws.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    logs = {"sft": read_log(ref_dir / "trainer_log.jsonl"),
-            "reward": read_log(reward_dir / "trainer_log.jsonl" if reward_dir else None),
-            "ppo": read_log(policy_dir / "metrics.jsonl" if "policy" in samples else None)}
-    evaluation_figure(ws.output_dir / "evaluation.png", {"pi_SFT" if n == "sft" else "policy": v
-                                                         for n, v in judge_scores.items()}, logs)
-    return metrics
+        for name, answers in samples.items() for i, s in enumerate(answers)))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    logs = {"sft": read_log(dirs["sft"] / "trainer_log.jsonl"),
+            "reward": read_log(dirs["reward"] / "trainer_log.jsonl" if "reward" in dirs else None),
+            "ppo": read_log(dirs["ppo"] / "metrics.jsonl" if "ppo" in dirs else None)}
+    evaluation_figure(out / "evaluation.png", {"pi_SFT" if n == "sft" else "policy": v
+                                               for n, v in judge_scores.items()}, logs)

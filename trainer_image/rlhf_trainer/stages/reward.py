@@ -89,11 +89,6 @@ def backbone_layers(backbone: Path, num_layers: int | None, model: ModelSpec) ->
 
 
 def run(ws: Workspace) -> dict[str, Any]:
-    from datasets import Dataset
-    from trl import RewardConfig
-
-    from rlhf_trainer.preference_batches import DistinctResponseRewardTrainer
-
     settings: RewardSpec = ws.config.stage_settings()  # type: ignore[assignment]
     backbone = ws.fetch_dir("model")
     tokenizer = models.load_tokenizer(backbone, ws.config.model)
@@ -108,20 +103,39 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
+    trained, result = train(ws, settings, backbone, tokenizer, chat, train_rows)
+    metrics: dict[str, Any] = {
+        "train_loss": round(float(result.training_loss), 4),
+        "train_pairs": len(train_rows),
+        "dropped_too_long": len(loaded) - len(pairs),
+        "eval_pairs": len(eval_rows),
+        "steps": result.global_step,
+    }
+    metrics.update(score_held_out(trained, tokenizer, chat, settings, train_rows, eval_rows))
+    tokenizer.padding_side = ws.config.model.tokenizer.padding_side
+    models.save_plain(trained, tokenizer, ws.output_dir)
+    return metrics
+
+
+def train(ws: Workspace, settings: RewardSpec, backbone: Path, tokenizer: Any, chat: bool,
+          rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """Train the reward model on ``rows`` (resuming from a stored checkpoint); returns it merged and in eval mode,
+    and the Trainer's result."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from rlhf_trainer.preference_batches import DistinctResponseRewardTrainer
+
     bf16 = models.bf16_enabled(settings.bf16, "spec.reward.bf16")
     hf_training.seed_before_loading(settings.seed)  # new weights (a pad token's embedding row): the same every run
     layers = backbone_layers(backbone, settings.num_layers, ws.config.model)
     model = models.load_sequence_classifier(backbone, ws.config.model, tokenizer, zero_new_head=True,
                                             trained_in_bf16=bf16, num_layers=layers)
-
-    def dataset(rows: list[dict[str, Any]]) -> Dataset:
-        return Dataset.from_list([
-            conversational(chat, prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
-            | ({"margin": margin(r, settings.score_margin)} if settings.score_margin is not None else {})
-            for r in rows
-        ])
-
-    log = ws.output_dir / "trainer_log.jsonl"
+    dataset = Dataset.from_list([
+        conversational(chat, prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+        | ({"margin": margin(r, settings.score_margin)} if settings.score_margin is not None else {})
+        for r in rows
+    ])
     stopper = hf_training.StopOnSigterm()
     trainer = DistinctResponseRewardTrainer(
         model=model,
@@ -130,22 +144,21 @@ def run(ws: Workspace) -> dict[str, Any]:
             center_rewards_coefficient=settings.center_rewards_coefficient,
             eval_strategy="no",
         ),
-        train_dataset=dataset(train_rows),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=models.lora_config(settings.lora, "SEQ_CLS") if settings.lora.enabled else None,
-        callbacks=hf_training.stage_callbacks(ws, stopper, log),
+        callbacks=hf_training.stage_callbacks(ws, stopper, ws.output_dir / "trainer_log.jsonl"),
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
-
     trained = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-    trained.eval()
-    metrics: dict[str, Any] = {
-        "train_loss": round(float(result.training_loss), 4),
-        "train_pairs": len(train_rows),
-        "dropped_too_long": len(loaded) - len(pairs),
-        "eval_pairs": len(eval_rows),
-        "steps": result.global_step,
-    }
+    return trained.eval(), result
+
+
+def score_held_out(trained: Any, tokenizer: Any, chat: bool, settings: RewardSpec, train_rows: list[dict[str, Any]],
+                   eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out pair accuracy and margin; with ``normalizeScores``, the score head rescaled to unit spread over the
+    held-out pairs' distinct responses (the training pairs' when none are held out)."""
+    metrics: dict[str, Any] = {}
     scored_rows = eval_rows or (train_rows if settings.normalize_scores else [])
     texts = distinct_responses(scored_rows)
     score_of = dict(zip(texts, reward_scoring.score(trained, tokenizer, [p for p, _ in texts],
@@ -161,6 +174,4 @@ def run(ws: Workspace) -> dict[str, Any]:
         rejected = [score_of[r["prompt"], r["rejected"]] for r in eval_rows]
         metrics[metric_keys.EVAL_ACCURACY] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
         metrics["eval_margin"] = round(sum(c - r for c, r in zip(chosen, rejected)) / len(eval_rows), 4)
-    tokenizer.padding_side = ws.config.model.tokenizer.padding_side
-    models.save_plain(trained, tokenizer, ws.output_dir)
     return metrics
