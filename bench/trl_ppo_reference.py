@@ -28,6 +28,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from bench_common import CONFIGS, bench_environment, child_result, peak_rss_gb, stage_checkpoints
+
 VERSION = "1.12.0"
 
 
@@ -56,7 +58,6 @@ def run(name: str, steps: int) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from ppo_step import CONFIGS, peak_rss_gb, stage_checkpoints
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     from rlhf_trainer.data import builtin_dataset_path, read_rows
@@ -107,8 +108,6 @@ def run(name: str, steps: int) -> dict:
 
 def measure(name: str, steps: int, env: dict[str, str]) -> dict:
     """``run`` in a process of its own (peak RSS is per process) that imports TRL ``VERSION``."""
-    from ppo_step import child_result, stage_checkpoints
-
     stage_checkpoints()  # made here once, not inside the measured process
     proc = subprocess.run([sys.executable, __file__, "--child", "--config", name, "--steps", str(steps)],
                           env=child_env(env), capture_output=True, text=True)
@@ -119,8 +118,6 @@ def measure(name: str, steps: int, env: dict[str, str]) -> dict:
 
 
 def main() -> int:
-    from ppo_step import CONFIGS, bench_environment
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")

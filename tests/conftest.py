@@ -18,6 +18,24 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def ppo_inputs(tiny_model_dir, tmp_path_factory):
+    """pi_SFT and R_phi folders as the earlier stages write them (pad token added, plain checkpoints), with the base
+    model's spec; built once per session for the PPO tests, which only read them."""
+    import torch
+
+    from rlhf_api.spec import ModelSpec
+    from rlhf_trainer import models as hf_models
+
+    root = tmp_path_factory.mktemp("ppo-inputs")
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    torch.manual_seed(0)
+    tokenizer = hf_models.load_tokenizer(tiny_model_dir, spec)
+    hf_models.save_plain(hf_models.load_causal_lm(tiny_model_dir, spec, tokenizer), tokenizer, root / "sft")
+    hf_models.save_plain(hf_models.load_sequence_classifier(root / "sft", spec, tokenizer), tokenizer, root / "rm")
+    return root / "sft", root / "rm", spec
+
+
 PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

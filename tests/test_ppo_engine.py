@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhf_api.spec import ModelSpec, PPOSpec
+from rlhf_api.spec import PPOSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.generation import encode_prompts, sample_responses
 from rlhf_trainer.modeling import response_logprobs
@@ -23,18 +23,6 @@ PROMPTS = ["Write a one-sentence review of a film about a lighthouse keeper.",
            "Review a comedy about two rival bakers.", "A thriller set on a night train.",
            "An animated film about a lost robot.", "A documentary about deep-sea fish.",
            "A romance between two chess players."]
-
-
-@pytest.fixture(scope="module")
-def ppo_inputs(tiny_model_dir, tmp_path_factory):
-    """pi_SFT and R_phi folders as the earlier stages write them (pad token added, plain checkpoints)."""
-    root = tmp_path_factory.mktemp("ppo-inputs")
-    spec = ModelSpec(uri=tiny_model_dir.as_uri())
-    torch.manual_seed(0)
-    tokenizer = hf_models.load_tokenizer(tiny_model_dir, spec)
-    hf_models.save_plain(hf_models.load_causal_lm(tiny_model_dir, spec, tokenizer), tokenizer, root / "sft")
-    hf_models.save_plain(hf_models.load_sequence_classifier(root / "sft", spec, tokenizer), tokenizer, root / "rm")
-    return root / "sft", root / "rm", spec
 
 
 def settings(**overrides) -> PPOSpec:
@@ -147,10 +135,10 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     # the reference (adapter disabled) is still exactly pi_SFT after training
     queries, mask = prompt_batch(trainer, PROMPTS[:2])
     with torch.no_grad():
-        responses, logprobs = sample_responses(models.policy, queries, mask, trainer.s.generation,
+        responses, logprobs = sample_responses(models.policy, queries, mask, trainer.settings.generation,
                                                stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
                                                generators=episode_generators(1, [0, 1], trainer.device))
-        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses.clone(), logprobs.clone())[0]
+        rollout = trainer.score_rollouts([0, 1], PROMPTS[:2], queries, mask, responses.clone(), logprobs.clone())[0]
         expected = response_logprobs(plain_policy, rollout, trainer.temperature)[0]
         # the sampling pass's log-probs are the policy's, as a full forward pass computes them
         torch.testing.assert_close(rollout.logprobs, response_logprobs(models.policy, rollout, trainer.temperature)[0],
@@ -261,14 +249,13 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(ppo_in
     response_values = trainer_module.response_values
     monkeypatch.setattr(trainer_module, "response_values", lambda model, rollout: (
         value_forwards.append(len(rollout.lengths)) or response_values(model, rollout)))
-    value_pass = PPOTrainer.value_pass
     runs = []
     for accumulation, shared in ((1, True), (2, True), (2, False)):
         value_forwards.clear()
-        monkeypatch.setattr(PPOTrainer, "value_pass", lambda self, rollout, rewards, first_update: value_pass(
-            self, rollout, rewards, first_update=first_update and shared))
         trainer = make_trainer(ppo_inputs, totalEpisodes=8, numPpoEpochs=2, miniBatchSize=4,
                                gradientAccumulationSteps=accumulation)
+        assert trainer.value_pass_trains  # one mini-batch per epoch
+        trainer.value_pass_trains = shared  # not shared: the first update runs a value forward pass of its own
         history = trainer.train()
         # 2 steps of 2 epochs over 4 rollouts; the rollout pass is the first epoch's or a pass of its own
         assert value_forwards == [4 // accumulation] * accumulation * 2 * (2 if shared else 3)
@@ -296,10 +283,10 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_bac
                                lora={"enabled": lora, "r": 4, "alpha": 8})
         history = trainer.train()
         queries, mask = prompt_batch(trainer, PROMPTS[:2])
-        responses, logprobs = sample_responses(trainer.models.policy, queries, mask, trainer.s.generation,
+        responses, logprobs = sample_responses(trainer.models.policy, queries, mask, trainer.settings.generation,
                                                stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
                                                generators=episode_generators(0, [0, 1], trainer.device))
-        rollout = trainer.evaluate([0, 1], PROMPTS[:2], queries, mask, responses, logprobs)[0]
+        rollout = trainer.score_rollouts([0, 1], PROMPTS[:2], queries, mask, responses, logprobs)[0]
         saved = []  # bytes the value model's forward pass keeps for its backward pass
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
@@ -316,7 +303,7 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_bac
 def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
     """Each episode samples from its own generator: one process or two give the same responses."""
     trainer = make_trainer(ppo_inputs)
-    gen = trainer.s.generation.model_copy(update={"max_new_tokens": 16})
+    gen = trainer.settings.generation.model_copy(update={"max_new_tokens": 16})
 
     def sample(prompts, episodes):
         queries, mask = prompt_batch(trainer, prompts)

@@ -13,16 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_api import entrypoint, metric_keys
 from rlhf_api.artifacts import StorageOptions, open_store, read_manifest
 from rlhf_api.entrypoint import EXIT_PREEMPTED
 from rlhf_api.metric_keys import GUARDRAILS
-from rlhf_api.spec import ModelSpec, Stage
+from rlhf_api.spec import Stage
 from rlhf_api.stage_config import build_stage_config
 from rlhf_operator.loading import parse_pipeline
-from rlhf_trainer import models as hf_models
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +33,14 @@ NOT_COMPARED = ("time/", "throughput/", "lr/")  # wall-clock figures, and the le
 DECISION_COUNTS = ("policy/clipfrac", "val/clipfrac")
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_model_dir, tmp_path_factory):
-    """pi_SFT and R_phi folders as the earlier stages write them."""
-    root = tmp_path_factory.mktemp("ppo-artifacts")
-    spec = ModelSpec(uri=tiny_model_dir.as_uri())
-    torch.manual_seed(0)
-    tokenizer = hf_models.load_tokenizer(tiny_model_dir, spec)
-    hf_models.save_plain(hf_models.load_causal_lm(tiny_model_dir, spec, tokenizer), tokenizer, root / "sft")
-    hf_models.save_plain(hf_models.load_sequence_classifier(root / "sft", spec, tokenizer), tokenizer, root / "rm")
-    return tiny_model_dir, root / "sft", root / "rm"
-
-
-def stage_config(artifacts, tmp_path: Path, name: str, storage: dict | None = None, **ppo) -> Path:
-    base, sft, rm = artifacts
+def stage_config(ppo_inputs, tmp_path: Path, name: str, storage: dict | None = None, **ppo) -> Path:
+    sft, rm, spec = ppo_inputs
     settings = {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 24}, "batchSize": 4,
                 "miniBatchSize": 2, "numPpoEpochs": 2, "totalEpisodes": 8, "learningRate": 1e-3, "saveSteps": 100,
                 "generation": {"maxNewTokens": 10, "temperature": 1.0}, "judge": {"type": "vader"}, **ppo}
     doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
                           "metadata": {"name": name},
-                          "spec": {"model": {"uri": base.as_uri()}, "sft": {"artifact": sft.as_uri()},
+                          "spec": {"model": {"uri": spec.uri}, "sft": {"artifact": sft.as_uri()},
                                    "reward": {"artifact": rm.as_uri()}, "ppo": settings, "storage": storage or {}}})
     path = tmp_path / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,9 +75,9 @@ def comparable(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if not k.startswith(NOT_COMPARED) and k not in DECISION_COUNTS}
 
 
-def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tmp_path):
+def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(ppo_inputs, tmp_path):
     settings = {"totalEpisodes": 24, "saveSteps": 2}  # 6 steps
-    straight = stage_config(artifacts, tmp_path / "a", "straight", **settings)
+    straight = stage_config(ppo_inputs, tmp_path / "a", "straight", **settings)
     proc = rlhf_train(straight, tmp_path / "a" / "ws")
     output = finish(proc)
     assert proc.returncode == 0, output
@@ -111,7 +97,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(artifacts, tm
     assert live["metrics"][metric_keys.RM_SCORE] == pytest.approx(expected[-1]["objective/rm_score"], abs=1e-5)
     assert live["metrics"][metric_keys.KL] == pytest.approx(expected[-1]["objective/kl"], abs=1e-5)
 
-    config = stage_config(artifacts, tmp_path / "b", "interrupted", **settings)
+    config = stage_config(ppo_inputs, tmp_path / "b", "interrupted", **settings)
     workspace = tmp_path / "b" / "ws"
     proc = rlhf_train(config, workspace)
     live_log = workspace / "output" / "metrics.jsonl"
@@ -153,10 +139,10 @@ COMPARED = ("objective/rm_score", "objective/kl", "loss/policy", "loss/value", "
 
 
 @pytest.fixture(scope="module")
-def one_process(artifacts, tmp_path_factory) -> list[dict]:
+def one_process(ppo_inputs, tmp_path_factory) -> list[dict]:
     """The metrics of the two steps of :data:`SHARDED` in one process."""
     root = tmp_path_factory.mktemp("one-process")
-    single = stage_config(artifacts, root, "single", **SHARDED)
+    single = stage_config(ppo_inputs, root, "single", **SHARDED)
     proc = rlhf_train(single, root / "ws", **CPU)
     output = finish(proc)
     assert proc.returncode == 0, output
@@ -170,8 +156,8 @@ def assert_same_steps(one: list[dict], two: list[dict]) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a["step"])
 
 
-def test_two_processes_with_zero3_match_one_process(artifacts, one_process, tmp_path):
-    sharded = stage_config(artifacts, tmp_path / "two", "zero3", storage={"keepCheckpoints": True}, saveSteps=1,
+def test_two_processes_with_zero3_match_one_process(ppo_inputs, one_process, tmp_path):
+    sharded = stage_config(ppo_inputs, tmp_path / "two", "zero3", storage={"keepCheckpoints": True}, saveSteps=1,
                            distributed={"nodes": 2, "zeroStage": 3}, **SHARDED)
     port = str(free_port())
     procs = [rlhf_train(sharded, tmp_path / "two" / f"ws{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -187,11 +173,11 @@ def test_two_processes_with_zero3_match_one_process(artifacts, one_process, tmp_
     assert_same_steps(one_process, steps(out / "metrics.jsonl"))
 
 
-def test_two_processes_in_one_pod_under_torchrun_share_its_workspace_and_match_one_process(artifacts, one_process,
+def test_two_processes_in_one_pod_under_torchrun_share_its_workspace_and_match_one_process(ppo_inputs, one_process,
                                                                                           tmp_path):
     """``procsPerNode: 2``: the pod runs torchrun, configured by the PET_* variables its Job sets, and both
     processes use the pod's one workspace (RLHF_WORKSPACE) for their inputs and checkpoints."""
-    pod = stage_config(artifacts, tmp_path, "torchrun", storage={"keepCheckpoints": True}, saveSteps=1,
+    pod = stage_config(ppo_inputs, tmp_path, "torchrun", storage={"keepCheckpoints": True}, saveSteps=1,
                        distributed={"procsPerNode": 2, "zeroStage": 3}, **SHARDED)
     environment = trainer_environment(RLHF_WORKSPACE=str(tmp_path / "ws"), PET_NNODES="1", PET_NPROC_PER_NODE="2",
                                       PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(free_port()),
