@@ -44,7 +44,10 @@ def load_config(path: str | None, stage: Stage) -> StageConfig:
 def run_stage(config: StageConfig, workspace: Path) -> dict[str, Any]:
     """Run one stage in ``workspace`` and publish its output with the manifest last. Returns the metrics."""
     from rlhf_trainer.accelerations.onednn_linear import onednn_linear, onednn_preferred
+    from rlhf_trainer.models import set_deepspeed_accelerator
     from rlhf_trainer.workspace import Workspace
+
+    set_deepspeed_accelerator()
 
     if config.stage not in IMPLEMENTED:
         raise ConfigError(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,13 @@ PAD_TOKEN = "<|pad|>"
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_deepspeed_accelerator() -> None:
+    """Tell DeepSpeed which accelerator this is before anything imports it (transformers and accelerate do): the
+    CPU where there is no GPU, instead of letting it guess and warn that it guessed."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def resolve_dtype(model: ModelSpec) -> torch.dtype:
@@ -147,10 +156,24 @@ def _model_kwargs(model: ModelSpec, trained_in_bf16: bool) -> dict[str, Any]:
     return kwargs
 
 
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers' own warnings silenced for the duration: for calls whose warnings we expect."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _fit_vocab(net: Any, tokenizer: Any) -> Any:
     """Grow the embeddings when the tokenizer gained a pad token, and record the pad id in the config."""
     if net.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        net.resize_token_embeddings(len(tokenizer))
+        with transformers_errors_only():  # the new row's initialisation (the old rows' mean) is not news
+            net.resize_token_embeddings(len(tokenizer))
     net.config.pad_token_id = tokenizer.pad_token_id
     if getattr(net, "generation_config", None) is not None:
         net.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -179,18 +202,13 @@ def load_sequence_classifier(path: Path, model: ModelSpec, tokenizer: Any, *, tr
     later gets the same shape.
     """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     kwargs = _model_kwargs(model, trained_in_bf16)
     if num_layers is not None:
         kwargs["num_hidden_layers"] = num_layers
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no score head yet, or layers left out: those warnings are expected
-    try:
+    with transformers_errors_only():  # no score head yet, or layers left out: those warnings are expected
         net, loading = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, output_loading_info=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     head = getattr(net, "score", None)
     if zero_new_head and head is not None and any(k.startswith("score.") for k in loading["missing_keys"]):
         with torch.no_grad():

@@ -12,7 +12,6 @@ over all optimizer steps of the run; gradients clipped to ``maxGradNorm`` after 
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf_api.spec import PPOSpec
+from rlhf_trainer.models import set_deepspeed_accelerator
 from rlhf_trainer.ppo.distributed import World
 
 ADAM_EPS = 1e-5
@@ -193,8 +193,7 @@ Learner = TorchLearner | DeepSpeedLearner
 
 def import_deepspeed() -> Any:
     """DeepSpeed, set up for this machine: the CPU accelerator without a GPU, collectives through torch."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    set_deepspeed_accelerator()
     import deepspeed
     import deepspeed.ops
 
