@@ -116,6 +116,24 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
 
 
+@contextlib.contextmanager
+def local_target(uri: str, path: Path) -> Iterator[Path]:
+    """A temporary sibling of the local file ``path`` to write ``uri``'s bytes into: renamed onto ``path`` when the
+    block succeeds, removed otherwise, so ``path`` is never left half written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the directory {path.parent} for {uri}: {exc.strerror}") from exc
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} for {uri}: {exc.strerror}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Store(abc.ABC):
     """Read and write objects addressed by full URIs. Every method raises ``StoreError`` (or a subclass)."""
 
@@ -200,26 +218,16 @@ class FileStore(Store):
         return ObjectInfo(uri=uri, size=size, sha256=None)
 
     def sha256(self, uri: str) -> str | None:
-        path = self.path_of(uri)
-        try:
-            return sha256_file(path)
-        except FileNotFoundError:
-            raise NotFoundError(f"{uri}: no such file") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {uri}: {exc.strerror}") from exc
+        with self._reading(uri):
+            return sha256_file(self.path_of(uri))
 
     def read_bytes(self, uri: str) -> bytes:
-        path = self.path_of(uri)
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise NotFoundError(f"{uri}: no such file") from None
-        except OSError as exc:
-            raise StoreError(f"cannot read {uri}: {exc.strerror}") from exc
+        with self._reading(uri):
+            return self.path_of(uri).read_bytes()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = self.path_of(uri)
-        with self._atomic_target(uri, path) as tmp:
+        with local_target(uri, path) as tmp:
             tmp.write_bytes(data)
 
     def list(self, prefix_uri: str) -> list[ObjectInfo]:
@@ -240,7 +248,7 @@ class FileStore(Store):
     def upload_file(self, path: Path, uri: str, sha256: str) -> None:
         # The sha256 is not stored (no sidecar files): ``sha256(uri)`` hashes the copy when asked.
         target = self.path_of(uri)
-        with self._atomic_target(uri, target) as tmp:
+        with local_target(uri, target) as tmp:
             try:
                 shutil.copyfile(path, tmp)
             except FileNotFoundError:
@@ -250,7 +258,7 @@ class FileStore(Store):
         source = self.path_of(uri)
         if not source.is_file():
             raise NotFoundError(f"{uri}: no such file")
-        with self._atomic_target(FileStore.uri_of(path.absolute()), path) as tmp:
+        with local_target(uri, path) as tmp:
             try:
                 shutil.copyfile(source, tmp)
             except FileNotFoundError:
@@ -277,20 +285,14 @@ class FileStore(Store):
 
     @staticmethod
     @contextlib.contextmanager
-    def _atomic_target(uri: str, path: Path) -> Iterator[Path]:
-        """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` on success."""
+    def _reading(uri: str) -> Iterator[None]:
+        """The OS's errors while reading ``uri`` as the store's: not found (no such file), or unreadable."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            yield
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFoundError(f"{uri}: no such file") from None
         except OSError as exc:
-            raise StoreError(f"cannot create the directory for {uri}: {exc.strerror}") from exc
-        tmp = temp_sibling(path)
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise StoreError(f"cannot write {uri}: {exc.strerror}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot read {uri}: {exc.strerror}") from exc
 
 
 # -------------------------------------------------------------------------------------------- s3://
@@ -508,13 +510,7 @@ class S3Store(Store):
         from boto3.s3.transfer import create_transfer_manager
 
         bucket, key = self._object_key(uri)
-        path = Path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create {path.parent} to download {uri} into: {exc.strerror}") from exc
-        tmp = temp_sibling(path)
-        try:
+        with local_target(uri, Path(path)) as tmp:
             try:
                 with self._errors(uri, "download"), create_transfer_manager(
                     self._client, self._transfer_config
@@ -522,9 +518,6 @@ class S3Store(Store):
                     manager.download(bucket, key, os.fspath(tmp)).result()
             except NotFoundError:
                 raise self._not_found(uri, "download") from None
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def delete(self, uri: str) -> None:
         bucket, key = self._object_key(uri)
