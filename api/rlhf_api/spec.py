@@ -795,8 +795,6 @@ class RLHFPipelineSpec(SpecModel):
         default_factory=lambda: EvaluateSpec(enabled=False), description="evaluate, optional: stage 5."
     )
 
-    stage_fields: ClassVar[tuple[str, ...]] = tuple(s.value for s in STAGE_ORDER)
-
     def stage(self, stage: Stage | str) -> StageSpec:
         return getattr(self, Stage(stage).value)
 

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from rlhf_api.phases import PipelinePhase
 from rlhf_operator.loading import SpecError, load_pipeline
+from rlhf_operator.plan import stages_to_run
 
 EXIT_INVALID = 2
 DEFAULT_PIPELINE = Path("examples/demo.yaml")
@@ -25,7 +26,7 @@ DEFAULT_PIPELINE = Path("examples/demo.yaml")
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
     doc = load_pipeline(args.pipeline)
-    stages = [s for s in ("sft", "preferences", "reward", "ppo", "evaluate") if doc.spec.stage(s).runs]
+    stages = [s.value for s in stages_to_run(doc.spec)]
     console.print(f"{args.pipeline}: valid RLHFPipeline '{doc.metadata.name}' (stages: {', '.join(stages) or 'none'})")
     return 0
 

@@ -87,7 +87,7 @@ def write_termination_message(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rlhf-train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=entrypoint.COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=[s.value for s in Stage])
     parser.add_argument("--config", help=f"stage config JSON file (default: ${entrypoint.STAGE_CONFIG_ENV})")
     parser.add_argument("--workspace",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from rlhf_api.artifacts.checkpoints import CHECKPOINTS
 from rlhf_api.artifacts.store import (
     TEMP_PREFIX,
     ChecksumError,
@@ -152,7 +153,7 @@ def publish(
     stage: str,
     config_digest: str,
     metrics: Mapping[str, float | int | str | None] | None = None,
-    exclude_dirs: tuple[str, ...] = ("checkpoints",),
+    exclude_dirs: tuple[str, ...] = (CHECKPOINTS,),
 ) -> PublishResult:
     """Upload a stage's output directory to ``out_uri`` and write its manifest last.
 
