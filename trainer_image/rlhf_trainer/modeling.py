@@ -23,16 +23,6 @@ def autocast(device: torch.device, enabled: bool) -> AbstractContextManager:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def causal_lm_parts(policy: Any) -> tuple[Any, Any]:
-    """The transformer body and the LM head of a causal LM, inside a DeepSpeed engine or a peft model.
-
-    Calling the parts keeps what wraps them in effect: LoRA layers live inside the body (and
-    ``disable_adapter`` switches them), ZeRO-3 gathers parameters through hooks on every submodule.
-    """
-    inner = transformers_model(policy)
-    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
-
-
 def transformers_model(net: Any) -> Any:
     """The transformers model inside a DeepSpeed engine or a peft model (or ``net`` itself)."""
     inner = net.module if hasattr(net, "module") and hasattr(net, "backward") else net  # DeepSpeed
@@ -101,30 +91,28 @@ def logit_scale(temperature: float) -> float:
 def response_logits(policy: Any, batch: Sequences, temperature: float) -> torch.Tensor:
     """Next-token logits at each response position, divided by the sampling temperature.
 
-    Detail: the log-probabilities PPO uses are those of the distribution the tokens were sampled from, so the
-    logits are scaled by the same temperature (1 for greedy decoding). The hidden states are divided before
-    the (bias-free) LM head instead: the same logits, scaled in a tensor V/H times smaller.
+    Detail: the logits come from the model's own forward pass, so whatever its family does to the LM head's output
+    is done here too (Gemma-2's final soft-capping, Granite's logits scaling, Cohere's logit scale): PPO's ratios
+    and KL are those of the distribution the model samples from. The log-probabilities PPO uses are those of the
+    distribution the tokens were sampled from, so the logits are divided by the same temperature (1 for greedy
+    decoding), after any such transform.
 
-    Detail: the LM head runs on the R positions that predict response tokens, not the prompt, and on a
-    contiguous copy of them: on a strided slice (what ``logits_to_keep`` hands it) ``matmul`` cannot fold the
-    batch into one matrix product and, under autograd, broadcasts the (V, H) head to (B, H, V) for its
-    gradient: a copy of B times the LM head's size per update (figures: docs/measurements.md, "Memory and
-    checkpoint costs").
+    Detail: the LM head runs on the R positions that predict response tokens, not the prompt, picked by an index
+    tensor: a contiguous copy of them. On a strided slice (what an integer ``logits_to_keep`` hands the head)
+    ``matmul`` cannot fold the batch into one matrix product and, under autograd, broadcasts the (V, H) head to
+    (B, H, V) for its gradient: a copy of B times the LM head's size per update (figures: docs/measurements.md,
+    "Memory and checkpoint costs").
 
     Returns:
         (B, R, V) float32.
     """
     ids, attention, positions = batch.input_ids()
     width = batch.responses.shape[1]
-    body, head = causal_lm_parts(policy)
-    hidden = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).last_hidden_state
-    hidden = hidden[:, -width - 1:-1]
+    keep = torch.arange(ids.shape[1] - width - 1, ids.shape[1] - 1, device=ids.device)
+    logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                    logits_to_keep=keep).logits.float()
     scale = logit_scale(temperature)
-    if scale == 1.0:
-        return head(hidden.contiguous()).float()
-    if getattr(getattr(head, "base_layer", head), "bias", None) is None:  # peft wraps
-        return head(hidden / scale).float()
-    return head(hidden.contiguous()).float() / scale
+    return logits if scale == 1.0 else logits / scale
 
 
 def response_logprobs(policy: Any, batch: Sequences, temperature: float,

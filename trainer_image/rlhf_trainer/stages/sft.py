@@ -71,9 +71,9 @@ def completion_logits_trainer(sft_trainer: type) -> type:
 
     TRL's SFTTrainer computes the loss with a fused, chunked LM head that never builds the (batch, length,
     vocabulary) logits. Without Triton (on CPU) that head projects every position, padding and prompt included, in
-    float32 even under bf16 autocast, which makes the pass slower. On CPU the transformer body runs as usual and the
-    head projects only the positions whose next token is scored (the completion, with ``completionOnlyLoss``; no
-    padding): about half of a demo sequence, and the LM head is a fifth of SmolLM2-135M's work per position. The
+    float32 even under bf16 autocast, which makes the pass slower. On CPU the model's own forward pass runs with
+    ``logits_to_keep`` set to the positions whose next token is scored (the completion, with ``completionOnlyLoss``;
+    no padding): about half of a demo sequence, and the LM head is a fifth of SmolLM2-135M's work per position. The
     loss is the model's own (cross-entropy in float32, summed and divided by the batch's scored tokens as
     transformers does), the token accuracy comes from the same logits (figures: docs/measurements.md, "SFT's LM
     head"). Under DistributedDataParallel, whose gradient synchronisation expects its own forward call, or where
@@ -84,8 +84,6 @@ def completion_logits_trainer(sft_trainer: type) -> type:
     from transformers.loss.loss_utils import fixed_cross_entropy
     from transformers.modeling_outputs import CausalLMOutput
 
-    from rlhf_trainer.modeling import causal_lm_parts
-
     class CompletionLogitsSFTTrainer(sft_trainer):  # type: ignore[misc, valid-type]
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -95,14 +93,13 @@ def completion_logits_trainer(sft_trainer: type) -> type:
 
             def scored_positions_only(labels: torch.Tensor, num_items_in_batch: Any = None,
                                       **model_inputs: Any) -> CausalLMOutput:
-                body, head = causal_lm_parts(model)
                 labels = labels[:, 1:]
                 scored = labels != -100
-                inputs_of_body = {k: model_inputs[k] for k in ("input_ids", "attention_mask", "position_ids")
-                                  if k in model_inputs}
+                keep = torch.cat([scored, torch.zeros_like(scored[:, :1])], dim=1)  # positions whose next token counts
+                inputs_of_model = {k: model_inputs[k] for k in ("input_ids", "attention_mask", "position_ids")
+                                   if k in model_inputs}
                 with self.accelerator.autocast():  # the Trainer's autocast wraps the model's forward only
-                    hidden = body(**inputs_of_body, use_cache=False).last_hidden_state[:, :-1][scored]
-                    logits = head(hidden).float()
+                    logits = model(**inputs_of_model, use_cache=False, logits_to_keep=keep).logits.float()
                 targets.append(labels[scored])
                 return CausalLMOutput(loss=fixed_cross_entropy(logits, labels[scored], num_items_in_batch),
                                       logits=logits)
