@@ -183,9 +183,12 @@ def main() -> int:
                                                  args.gradient_checkpointing, args.lora_targets)), flush=True)
         return 0
 
-    from rlhf_trainer.models import bf16_enabled
+    import torch
 
-    bf16_here = bf16_enabled(None, "bench")  # what an unset bf16 means here: a bf16 GPU, else an AMX/AVX512-BF16 CPU
+    from rlhf_trainer.models import cpu_has_native_bf16, cuda_bf16
+
+    # bf16 configurations where bfloat16 runs in hardware (a bf16 GPU, an AMX or AVX512-BF16 CPU), default or not
+    bf16_here = cuda_bf16() if torch.cuda.is_available() else cpu_has_native_bf16()
     names = args.only or [n for n in CONFIGS if not CONFIGS[n]["bf16"] or bf16_here]
     if args.reference and (args.chat_template or args.accumulation != 1 or args.gradient_checkpointing
                            or args.lora_targets != ["all-linear"]):

@@ -65,11 +65,12 @@ def test_bf16_set_where_the_cpu_emulates_bfloat16_is_obeyed_with_one_warning_nam
                                                                                               capsys):
     # The CPU's instruction set is the boundary simulated here: this machine has one kind or the other (and no GPU).
     monkeypatch.setattr(trainer_models, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(trainer_models, "cpu_prefers_bf16", lambda: native)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer_models._warn_once.cache_clear()
     assert [trainer_models.bf16_enabled(True, "spec.sft.bf16") for _ in range(2)] == [True, True]
     assert trainer_models.bf16_enabled(False, "spec.reward.bf16") is False
-    assert trainer_models.bf16_enabled(None, "spec.reward.bf16") is native  # unset: where the hardware has it
+    assert trainer_models.bf16_enabled(None, "spec.reward.bf16") is native  # unset: where bfloat16 is faster
     warnings_printed = capsys.readouterr().err.splitlines()
     if native:
         assert warnings_printed == []
@@ -80,20 +81,44 @@ def test_bf16_set_where_the_cpu_emulates_bfloat16_is_obeyed_with_one_warning_nam
 
 def test_cpu_bf16_detection_follows_the_override_variable_and_rejects_other_values(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, as in CI
-    detect = trainer_models.cpu_has_native_bf16
+    detections = (trainer_models.cpu_has_native_bf16, trainer_models.cpu_prefers_bf16)
     try:
         for value, expected in (("1", True), ("0", False)):
             monkeypatch.setenv("RLHF_CPU_BF16", value)
-            detect.cache_clear()
-            assert detect() is expected
+            for detect in detections:
+                detect.cache_clear()
+                assert detect() is expected
             assert trainer_models.bf16_enabled(None, "spec.ppo.bf16") is expected
         monkeypatch.setenv("RLHF_CPU_BF16", "yes")
-        detect.cache_clear()
-        with pytest.raises(ConfigError, match="RLHF_CPU_BF16='yes'.* 0 .* or 1"):
-            detect()
+        for detect in detections:
+            detect.cache_clear()
+            with pytest.raises(ConfigError, match="RLHF_CPU_BF16='yes'.* 0 .* or 1"):
+                detect()
     finally:
         monkeypatch.undo()
-        detect.cache_clear()
+        for detect in detections:
+            detect.cache_clear()
+
+
+# (/proc/cpuinfo's flags, vendor) -> bfloat16 by default: AMX anywhere, AVX512-BF16 on AMD, float32 otherwise
+CPUS = [({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "GenuineIntel", True),
+        ({"avx512f", "avx512_bf16"}, "GenuineIntel", False),
+        ({"avx512f", "avx512_bf16"}, "AuthenticAMD", True),
+        ({"avx2"}, "AuthenticAMD", False), ({"avx512f"}, "GenuineIntel", False)]
+
+
+@pytest.mark.parametrize(("flags", "vendor", "prefers"), CPUS, ids=["intel-amx", "intel-avx512bf16-no-amx", "amd-zen4",
+                                                                     "amd-avx2", "intel-avx512-no-bf16"])
+def test_unset_bf16_means_bfloat16_where_the_cpu_computes_it_faster(flags, vendor, prefers, monkeypatch):
+    # The CPU is the boundary simulated here: /proc/cpuinfo's answers, as the kernel gives them on each machine.
+    monkeypatch.delenv("RLHF_CPU_BF16")
+    monkeypatch.setattr(trainer_models, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(trainer_models, "cpu_vendor", lambda: vendor)
+    trainer_models.cpu_prefers_bf16.cache_clear()
+    try:
+        assert trainer_models.cpu_prefers_bf16() is prefers
+    finally:
+        trainer_models.cpu_prefers_bf16.cache_clear()
 
 
 def test_quantization_on_cpu_is_a_configuration_error(monkeypatch):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from rlhf_api.spec import LoraSpec, ModelSpec
-from rlhf_trainer.accelerations.cpu import cpu_flags
+from rlhf_trainer.accelerations.cpu import cpu_flags, cpu_vendor
 from rlhf_trainer.errors import ConfigError
 
 PAD_TOKEN = "<|pad|>"
@@ -54,14 +54,14 @@ def cuda_bf16() -> bool:
 
 
 def bf16_enabled(flag: bool | None, field: str) -> bool:
-    """A stage's ``bf16`` setting (``field``, e.g. "spec.sft.bf16"): as given, or when unset, whether the hardware
-    computes in bfloat16 (a CUDA GPU that supports it; without CUDA, a CPU with AMX or AVX512-BF16). Set true
-    where bfloat16 runs emulated (a CPU without those instructions) it still holds, with a warning that names
-    the field."""
+    """A stage's ``bf16`` setting (``field``, e.g. "spec.sft.bf16"): as given, or when unset, whether bfloat16 is
+    the faster choice here (a CUDA GPU that supports it; without CUDA, :func:`cpu_prefers_bf16`). Set true where
+    bfloat16 runs emulated (a CPU without those instructions) it still holds, with a warning that names the
+    field."""
     if torch.cuda.is_available():
         return cuda_bf16() if flag is None else flag
     if flag is None:
-        return cpu_has_native_bf16()
+        return cpu_prefers_bf16()
     if flag and not cpu_has_native_bf16():
         _warn_once(f"warning: {field} is true, but this CPU has no bfloat16 instructions (AMX or AVX512-BF16): "
                    "PyTorch emulates bfloat16 here, up to tens of times slower than float32: "
@@ -73,19 +73,41 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # as /proc/cpuinfo names the instr
 CPU_BF16_ENV = "RLHF_CPU_BF16"  # "0" or "1": overrides what /proc/cpuinfo says (the tests set "0")
 
 
+def _cpu_bf16_override() -> bool | None:
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not override:
+        return None
+    if override not in ("0", "1"):
+        raise ConfigError(f"{CPU_BF16_ENV}={override!r}: set it to 0 (float32 on this CPU) or 1 (bfloat16), "
+                          "or unset it")
+    return override == "1"
+
+
 @cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware: AMX or AVX512-BF16 (Intel since Cooper Lake,
     AMD since Zen 4). Without them (AVX2 only, AVX-512 without BF16) bfloat16 is converted in software, many times
     slower than float32 (figures: docs/measurements.md, "bfloat16 on CPUs without it"). ``RLHF_CPU_BF16=0`` (or
-    ``1``) overrides the answer, and with it what unset ``bf16`` fields mean.
+    ``1``) overrides the answer.
     """
-    override = os.environ.get(CPU_BF16_ENV, "").strip()
-    if override:
-        if override not in ("0", "1"):
-            raise ConfigError(f"{CPU_BF16_ENV}={override!r}: set it to 0 (no bfloat16 instructions) or 1, or unset it")
-        return override == "1"
-    return not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
+    override = _cpu_bf16_override()
+    return override if override is not None else not cpu_flags().isdisjoint(CPU_BF16_FLAGS)
+
+
+@cache
+def cpu_prefers_bf16() -> bool:
+    """Whether unset ``bf16`` fields mean bfloat16 on this CPU: where its bfloat16 products beat its float32 ones.
+
+    AMX does (Intel since Sapphire Rapids), and so does AVX512-BF16 on AMD (Zen 4). An Intel CPU with AVX512-BF16
+    but no AMX (Cooper Lake, or a virtual machine that hides AMX) multiplies float32 faster, with MKL's AVX-512
+    kernels, than bfloat16 under autocast (figures: docs/measurements.md, "bfloat16 without AMX on Intel").
+    ``RLHF_CPU_BF16=0`` (or ``1``) overrides the answer.
+    """
+    override = _cpu_bf16_override()
+    if override is not None:
+        return override
+    flags = cpu_flags()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and cpu_vendor() not in ("", "GenuineIntel"))
 
 
 @cache
