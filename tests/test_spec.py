@@ -52,6 +52,9 @@ BAD = [
     ("mini-batch does not divide batch", "spec.ppo", {"enabled": True, "batchSize": 10, "miniBatchSize": 4,
      "prompts": {"uri": "builtin://movie-reviews/prompts-train"}}, "spec.ppo", "must divide"),
     ("enabled stage without data", "spec.sft.dataset", None, "spec.sft", "dataset is required"),
+    ("nucleus sampling in ppo", "spec.ppo.generation", {"topP": 0.9}, "spec.ppo",
+     "topP must be 1 and generation.topK 0 in PPO"),
+    ("top-k sampling in ppo", "spec.ppo.generation", {"topK": 40}, "spec.ppo", "(got topP 1.0, topK 40)"),
     ("bad pipeline name", "metadata.name", "Movie_Reviews", "metadata.name", "pattern"),
     ("wrong kind", "kind", "Pipeline", "kind", "RLHFPipeline"),
 ]

@@ -314,6 +314,14 @@ class DistributedSpec(SpecModel):
     master_port: int = Field(29500, ge=1024, le=65535, description="masterPort, optional: rendezvous port.")
 
 
+#: What an unset ``bf16`` means, in every stage that has the field.
+BF16_UNSET = (
+    "Unset means on where bfloat16 is the faster choice (a CUDA GPU that supports it, a CPU with AMX, an AMD CPU "
+    "with AVX512-BF16), off elsewhere: an Intel CPU with AVX512-BF16 but no AMX multiplies float32 faster, and CPUs "
+    "without bfloat16 instructions emulate it, many times slower (true there is obeyed with a warning)."
+)
+
+
 class GenerationSpec(SpecModel):
     max_new_tokens: int = Field(48, ge=1, description="maxNewTokens, optional: response length cap in tokens.")
     temperature: float = Field(
@@ -404,9 +412,7 @@ class TrainingArgs(SpecModel):
     bf16: bool | None = Field(
         None,
         description="bf16, optional: bfloat16 mixed precision (autocast; weights and optimizer stay float32). "
-        "Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or "
-        "AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, many times slower than float32 "
-        "(true there is obeyed with a warning).",
+        + BF16_UNSET,
     )
     seed: int = Field(42, description="seed, optional: random seed.")
     logging_steps: int = Field(5, ge=1, description="loggingSteps, optional: log metrics every N steps.")
@@ -469,9 +475,7 @@ class PreferencesSpec(StageCommon):
     bf16: bool | None = Field(
         None,
         description="bf16, optional: sample with pi_SFT's weights in bfloat16 (half the memory traffic per "
-        "token). Unset means on where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with "
-        "AMX or AVX512-BF16), off elsewhere: on other CPUs bfloat16 runs emulated, many times slower than "
-        "float32 (true there is obeyed with a warning).",
+        "token). " + BF16_UNSET,
     )
 
     @model_validator(mode="after")
@@ -549,6 +553,13 @@ class PPOGuardrails(SpecModel):
     )
 
 
+PPO_TRUNCATED_SAMPLING = (
+    "generation.topP must be 1 and generation.topK 0 in PPO: the update's probability ratios and KL are those of "
+    "the whole temperature-scaled distribution, so sampling from a truncated one would bias them; narrow the "
+    "sampling with generation.temperature instead"
+)
+
+
 class PPOSpec(StageCommon):
     """PPO against the reward model with a KL penalty to pi_SFT (Huang et al. 2024, arXiv 2403.17031).
 
@@ -565,6 +576,8 @@ class PPOSpec(StageCommon):
         Rule("self.totalEpisodes >= self.batchSize",
              "totalEpisodes must be at least batchSize: the run makes totalEpisodes / batchSize PPO steps",
              ".totalEpisodes"),
+        Rule("!has(self.generation) || ((!has(self.generation.topP) || self.generation.topP == 1.0) && "
+             "(!has(self.generation.topK) || self.generation.topK == 0))", PPO_TRUNCATED_SAMPLING, ".generation"),
     )
 
     prompts: DatasetRef | None = Field(
@@ -657,10 +670,8 @@ class PPOSpec(StageCommon):
     )
     bf16: bool | None = Field(
         None,
-        description="bf16, optional: run forward passes under bfloat16 autocast. Unset means on "
-        "where the hardware computes in bfloat16 (a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16), off "
-        "elsewhere: on other CPUs bfloat16 runs emulated, many times slower than float32 (true there is obeyed "
-        "with a warning). Set false for float32 throughout.",
+        description="bf16, optional: run forward passes under bfloat16 autocast. " + BF16_UNSET
+        + " Set false for float32 throughout.",
     )
     judge: JudgeSpec | None = Field(
         None,
@@ -690,6 +701,9 @@ class PPOSpec(StageCommon):
                 f"totalEpisodes ({self.total_episodes}) must be at least batchSize ({self.batch_size}): "
                 "the run makes totalEpisodes // batchSize steps"
             )
+        if self.generation.top_p < 1.0 or self.generation.top_k > 0:
+            raise ValueError(f"{PPO_TRUNCATED_SAMPLING} (got topP {self.generation.top_p}, "
+                             f"topK {self.generation.top_k})")
         return self
 
 
