@@ -117,7 +117,7 @@ def test_sampling_with_decoding_weights_writes_the_same_tokens_with_the_same_log
     gen = GenerationSpec(maxNewTokens=12, temperature=1.0)
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_responses(model, queries, mask, gen, stop_token_id=0, pad_token_id=1,
+        return sample_responses(model, queries, mask, gen, stop_token_ids=[0], pad_token_id=1,
                                 generators=[generator(5, "episode", i) for i in range(4)])
 
     expected_tokens, expected_logprobs = run()

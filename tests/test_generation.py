@@ -84,7 +84,7 @@ def test_a_batch_decodes_a_repeated_prompt_once_and_drops_rows_that_stopped(tiny
 
     def decode(rows, stop):
         queries, mask = left_pad([ids[i] for i in rows], tok.pad_token_id)
-        return sample_responses(model, queries, mask, gen, stop_token_id=stop, pad_token_id=tok.pad_token_id,
+        return sample_responses(model, queries, mask, gen, stop_token_ids=[stop], pad_token_id=tok.pad_token_id,
                                 generators=[generator(9, "test", i) for i in rows])
 
     free, _ = decode(range(4), stop=-1)  # no row stops: pick a stop token some rows sample early, others never
@@ -148,3 +148,39 @@ def test_sample_logprobs_match_plain_log_softmax(tiny_model_dir, temperature):
         torch.testing.assert_close(logps, expected, atol=1e-4, rtol=1e-4)
     if temperature != 1.0:  # the scaling is not a no-op on this model
         assert not torch.allclose(got[0], sample_logprobs(model, samples, 0, temperature=1.0)[0], atol=1e-3)
+
+
+def test_a_response_ends_at_the_first_of_several_stop_tokens_and_they_default_to_the_models_own(tiny_model_dir):
+    from rlhf_api.spec import GenerationSpec
+    from rlhf_trainer.errors import ConfigError
+    from rlhf_trainer.generation import encode_prompts, sample_responses, stop_token_ids
+    from rlhf_trainer.models import load_causal_lm
+    from rlhf_trainer.padding import left_pad
+    from rlhf_trainer.ppo.functional import truncate_at_stop
+    from rlhf_trainer.seeding import generator
+
+    spec = ModelSpec(uri=tiny_model_dir.as_uri())
+    tok = load_tokenizer(tiny_model_dir, spec)
+    model = load_causal_lm(tiny_model_dir, spec, tok).eval()
+    queries, mask = left_pad(encode_prompts(tok, ["Review a heist film", "Review a musical"] * 3, True),
+                             tok.pad_token_id)
+
+    def decode(stops):
+        return sample_responses(model, queries, mask, GenerationSpec(maxNewTokens=12, temperature=1.0),
+                                stop_token_ids=stops, pad_token_id=tok.pad_token_id,
+                                generators=[generator(3, "stops", i) for i in range(6)])[0].tolist()
+
+    free = decode([-1])  # nothing stops: two tokens the rows sample at different steps become the stop tokens
+    first, second = free[0][3], free[1][2]
+    ends = [min([k for k, t in enumerate(row) if t in (first, second)] or [len(row) - 1]) for row in free]
+    stopped = decode([first, second])
+    assert [row[:end + 1] for row, end in zip(stopped, ends)] == [row[:end + 1] for row, end in zip(free, ends)]
+    assert all(all(t == tok.pad_token_id for t in row[end + 1:]) for row, end in zip(stopped, ends))
+    truncated, lengths, _ = truncate_at_stop(torch.tensor(free), [first, second], tok.pad_token_id)
+    assert lengths.tolist() == [end + 1 for end in ends] and truncated.tolist() == stopped
+
+    model.generation_config.eos_token_id = [tok.eos_token_id, first]  # e.g. Llama 3 instruct: two end tokens
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, first]
+    assert stop_token_ids(model, tok, [tok.convert_ids_to_tokens(second)]) == [second]
+    with pytest.raises(ConfigError, match=r"spec.ppo.stopTokens: 'no such token' is not one token"):
+        stop_token_ids(model, tok, ["no such token"], field="spec.ppo.stopTokens")

@@ -136,7 +136,7 @@ def test_lora_holds_one_copy_of_each_base_model(ppo_inputs, tmp_path):
     queries, mask = prompt_batch(trainer, PROMPTS[:2])
     with torch.no_grad():
         responses, logprobs = sample_responses(models.policy, queries, mask, trainer.settings.generation,
-                                               stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
+                                               stop_token_ids=trainer.stop_ids, pad_token_id=trainer.pad_id,
                                                generators=episode_generators(1, [0, 1], trainer.device))
         rollout = trainer.score_rollouts([0, 1], PROMPTS[:2], queries, mask, responses.clone(), logprobs.clone())[0]
         expected = response_logprobs(plain_policy, rollout, trainer.temperature)[0]
@@ -284,7 +284,7 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_less_for_the_bac
         history = trainer.train()
         queries, mask = prompt_batch(trainer, PROMPTS[:2])
         responses, logprobs = sample_responses(trainer.models.policy, queries, mask, trainer.settings.generation,
-                                               stop_token_id=trainer.stop_id, pad_token_id=trainer.pad_id,
+                                               stop_token_ids=trainer.stop_ids, pad_token_id=trainer.pad_id,
                                                generators=episode_generators(0, [0, 1], trainer.device))
         rollout = trainer.score_rollouts([0, 1], PROMPTS[:2], queries, mask, responses, logprobs)[0]
         saved = []  # bytes the value model's forward pass keeps for its backward pass
@@ -307,7 +307,7 @@ def test_a_rollout_does_not_depend_on_its_batch(ppo_inputs):
 
     def sample(prompts, episodes):
         queries, mask = prompt_batch(trainer, prompts)
-        out, _ = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_id=trainer.stop_id,
+        out, _ = sample_responses(trainer.models.policy, queries, mask, gen, stop_token_ids=trainer.stop_ids,
                                   pad_token_id=trainer.pad_id,
                                   generators=episode_generators(3, episodes, trainer.device))
         return [row[row != trainer.pad_id].tolist() for row in out]

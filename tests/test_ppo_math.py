@@ -83,7 +83,7 @@ def test_kl_estimators_by_hand():
 
 def test_truncation_at_the_stop_token_and_the_missing_eos_penalty():
     responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 1, 1, 1]])
-    truncated, lengths, has_stop = truncate_at_stop(responses, stop_token_id=9, pad_token_id=0)
+    truncated, lengths, has_stop = truncate_at_stop(responses, stop_token_ids=9, pad_token_id=0)
     assert truncated.tolist() == [[5, 9, 0, 0], [5, 6, 7, 8], [9, 0, 0, 0]]
     assert lengths.tolist() == [2, 4, 1] and has_stop.tolist() == [True, False, True]
     assert response_mask(lengths, 4).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]

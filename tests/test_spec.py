@@ -103,3 +103,11 @@ def test_two_documents_are_refused(tmp_path):
     path.write_text(DEMO.read_text() + "\n---\n" + DEMO.read_text())
     with pytest.raises(SpecError, match="expected one YAML document, found 2"):
         load_pipeline(path)
+
+
+def test_ppo_takes_one_stop_token_field():
+    doc = mutate("spec.ppo.stopTokens", ["<|im_end|>", "<|endoftext|>"])
+    assert parse_pipeline(doc).spec.ppo.stop_tokens == ["<|im_end|>", "<|endoftext|>"]
+    doc["spec"]["ppo"]["stopToken"] = "<|im_end|>"
+    with pytest.raises(SpecError, match="spec.ppo: set stopToken or stopTokens, not both"):
+        parse_pipeline(doc, "bad.yaml")

@@ -553,6 +553,7 @@ class PPOGuardrails(SpecModel):
     )
 
 
+PPO_TWO_STOP_FIELDS = "set stopToken or stopTokens, not both: stopTokens holds every token that ends a response"
 PPO_TRUNCATED_SAMPLING = (
     "generation.topP must be 1 and generation.topK 0 in PPO: the update's probability ratios and KL are those of "
     "the whole temperature-scaled distribution, so sampling from a truncated one would bias them; narrow the "
@@ -564,7 +565,8 @@ class PPOSpec(StageCommon):
     """PPO against the reward model with a KL penalty to pi_SFT (Huang et al. 2024, arXiv 2403.17031).
 
     Names follow TRL's PPOConfig where it has one (learning_rate, total_episodes, num_ppo_epochs, kl_coef,
-    kl_estimator, cliprange, vf_coef, gamma, lam, whiten_rewards, missing_eos_penalty, stop_token).
+    kl_estimator, cliprange, vf_coef, gamma, lam, whiten_rewards, missing_eos_penalty, stop_token; stop_tokens
+    for several).
     Batch sizes are global: over all processes together.
     """
 
@@ -578,6 +580,7 @@ class PPOSpec(StageCommon):
              ".totalEpisodes"),
         Rule("!has(self.generation) || ((!has(self.generation.topP) || self.generation.topP == 1.0) && "
              "(!has(self.generation.topK) || self.generation.topK == 0))", PPO_TRUNCATED_SAMPLING, ".generation"),
+        Rule("!has(self.stopToken) || !has(self.stopTokens)", PPO_TWO_STOP_FIELDS, ".stopTokens"),
     )
 
     prompts: DatasetRef | None = Field(
@@ -645,7 +648,13 @@ class PPOSpec(StageCommon):
     stop_token: str | None = Field(
         None,
         description="stopToken, optional: the token (as text, one token of the vocabulary) that ends a response; "
-        "generation stops there and everything after it is padding. Unset means the tokenizer's EOS.",
+        "generation stops there and everything after it is padding. Unset (and no stopTokens) means the model's "
+        "own end tokens: the tokenizer's EOS and every EOS id of the model's generation config.",
+    )
+    stop_tokens: list[str] | None = Field(
+        None, min_length=1, max_length=16,
+        description="stopTokens, optional: several tokens that each end a response (e.g. Llama 3's <|eot_id|> and "
+        "<|end_of_text|>), instead of stopToken.",
     )
     generation: GenerationSpec = Field(
         default_factory=lambda: GenerationSpec(max_new_tokens=32, temperature=0.7),
@@ -701,6 +710,8 @@ class PPOSpec(StageCommon):
                 f"totalEpisodes ({self.total_episodes}) must be at least batchSize ({self.batch_size}): "
                 "the run makes totalEpisodes // batchSize steps"
             )
+        if self.stop_token is not None and self.stop_tokens is not None:
+            raise ValueError(PPO_TWO_STOP_FIELDS)
         if self.generation.top_p < 1.0 or self.generation.top_k > 0:
             raise ValueError(f"{PPO_TRUNCATED_SAMPLING} (got topP {self.generation.top_p}, "
                              f"topK {self.generation.top_k})")

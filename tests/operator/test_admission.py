@@ -83,6 +83,8 @@ INVALID = [
      "generation.topP must be 1 and generation.topK 0 in PPO"),
     ("top-k sampling in ppo", edit("ppo.generation", {"topK": 50}), "spec.ppo.generation",
      "generation.topP must be 1 and generation.topK 0 in PPO"),
+    ("two stop-token fields in ppo", edit("ppo.stopTokens", ["<|eot_id|>"], edit("ppo.stopToken", "<|im_end|>")),
+     "spec.ppo.stopTokens", "set stopToken or stopTokens, not both"),
     ("toleration Exists with a value", edit("ppo.tolerations", [{"key": "gpu", "operator": "Exists", "value": "x"}]),
      "spec.ppo.tolerations[0].value", "value must be empty when operator is Exists"),
     ("unknown toleration effect", edit("ppo.tolerations", [{"key": "gpu", "effect": "Sometimes"}]),

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from rlhf_api.spec import GenerationSpec
 from rlhf_trainer.accelerations.decoding_weights import decoding_weights
-from rlhf_trainer.modeling import logit_scale
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.modeling import logit_scale, transformers_model
 from rlhf_trainer.padding import left_pad, position_ids
 from rlhf_trainer.seeding import generator
 
@@ -71,6 +72,28 @@ def eval_mode(model: Any) -> Iterator[None]:
         yield
     finally:
         model.train(training)
+
+
+def stop_token_ids(model: Any, tokenizer: Any, names: Sequence[str] | None = None,
+                   field: str = "stopTokens") -> list[int]:
+    """The tokens that end a response: ``names`` when given (each one token of the vocabulary), else the model's
+    generation config's EOS ids (Llama 3's instruct models list more than one) and the tokenizer's EOS.
+
+    Raises:
+        ConfigError: a name is not one token of the vocabulary (``field`` is the spec field that gave it).
+    """
+    if names:
+        vocabulary = tokenizer.get_vocab()
+        unknown = [name for name in names if name not in vocabulary]
+        if unknown:
+            raise ConfigError(f"{field}: {', '.join(map(repr, unknown))} is not one token of the model's vocabulary: "
+                              "name tokens as the tokenizer spells them (e.g. <|eot_id|>), or unset it for the "
+                              "model's own end-of-turn tokens")
+        return [vocabulary[name] for name in names]
+    eos = getattr(getattr(transformers_model(model), "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [i for i in ([eos] if isinstance(eos, int) else list(eos or [])) if i not in ids]
+    return ids
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
@@ -113,7 +136,7 @@ def sample_responses(
     query_mask: torch.Tensor,
     gen: GenerationSpec,
     *,
-    stop_token_id: int,
+    stop_token_ids: Sequence[int],
     pad_token_id: int,
     generators: Sequence[torch.Generator],
     interrupted: Callable[[], bool] = lambda: False,
@@ -130,7 +153,7 @@ def sample_responses(
         queries: (B, P) left-padded prompt ids.
         query_mask: (B, P) attention mask of the prompts.
         gen: max_new_tokens, temperature (0 = greedy), top_k, top_p.
-        stop_token_id: a row stops after sampling it.
+        stop_token_ids: a row stops after sampling one of them.
         pad_token_id: fills a row after it stopped.
         generators: one per row (PPO's: one per episode, seeded by the episode's index).
         interrupted: checked before each token; when it returns true, sampling stops early (the caller discards
@@ -141,7 +164,7 @@ def sample_responses(
         row's stop token) and their log-probabilities (B, R), 0 on padding.
     """
     with eval_mode(model):
-        return _sample(model, queries, query_mask, gen, stop_token_id, pad_token_id, generators, interrupted)
+        return _sample(model, queries, query_mask, gen, stop_token_ids, pad_token_id, generators, interrupted)
 
 
 def distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -159,10 +182,11 @@ def distinct_rows(queries: torch.Tensor, query_mask: torch.Tensor) -> tuple[torc
     return firsts, copies
 
 
-def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationSpec, stop_token_id: int,
-            pad_token_id: int, generators: Sequence[torch.Generator],
+def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: GenerationSpec,
+            stop_token_ids: Sequence[int], pad_token_id: int, generators: Sequence[torch.Generator],
             interrupted: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor]:
     warpers = _warpers(gen)
+    stops = torch.as_tensor(list(stop_token_ids), device=queries.device)
     scale = logit_scale(gen.temperature)
     batch = queries.shape[0]
     mask = query_mask.clone()
@@ -196,7 +220,7 @@ def _sample(model: Any, queries: torch.Tensor, query_mask: torch.Tensor, gen: Ge
         responses[rows, step] = next_tokens
         logprobs[rows, step] = logits.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         length = step + 1
-        going = next_tokens != stop_token_id
+        going = ~torch.isin(next_tokens, stops)
         if not bool(going.any()) or length == gen.max_new_tokens:  # no forward pass for a token never sampled
             break
         if not bool(going.all()):
@@ -229,7 +253,7 @@ def sample(
     decode from copies of their weights made once for the call (:func:`rlhf_trainer.accelerations.decoding_weights`).
     """
     device = next(model.parameters()).device
-    stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_token_ids(model, tokenizer), tokenizer.pad_token_id
     prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template)
     out: list[Sample] = []
     with decoding_weights(model, rows=batch_size):
@@ -237,11 +261,12 @@ def sample(
             rows = range(start, min(start + batch_size, len(prompts)))
             queries, query_mask = left_pad([prompt_ids[i] for i in rows], pad)
             responses, logprobs = sample_responses(
-                model, queries.to(device), query_mask.to(device), gen, stop_token_id=stop, pad_token_id=pad,
+                model, queries.to(device), query_mask.to(device), gen, stop_token_ids=stops, pad_token_id=pad,
                 generators=[generator(seed, "sample", i, device=device) for i in rows])
             for i, response, response_logprobs in zip(rows, responses.tolist(), logprobs.tolist()):
-                has_eos = stop in response
-                response = response[:response.index(stop) + 1] if has_eos else response
+                end = next((k for k, token in enumerate(response) if token in stops), None)
+                has_eos = end is not None
+                response = response[:end + 1] if has_eos else response
                 text = tokenizer.decode(response, skip_special_tokens=True).strip()
                 out.append(Sample(prompts[i], prompt_ids[i], response, text, has_eos,
                                   tuple(response_logprobs[:len(response)])))

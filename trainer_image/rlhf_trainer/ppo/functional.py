@@ -11,7 +11,7 @@ The numbered details follow Huang et al. 2024, "The N+ Implementation Details of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -79,13 +79,14 @@ def masked_whiten(
 
 
 def truncate_at_stop(
-    responses: torch.Tensor, stop_token_id: int, pad_token_id: int
+    responses: torch.Tensor, stop_token_ids: int | Sequence[int], pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Detail: truncate each response after its first stop token and pad the rest.
 
     Args:
         responses: (B, R) generated token ids.
-        stop_token_id: the token that ends a response (usually EOS), kept in the response.
+        stop_token_ids: the tokens that end a response (EOS, or several: Llama 3's instruct models end a turn on
+            either of two), kept in the response.
         pad_token_id: what replaces everything after it.
 
     Returns:
@@ -93,7 +94,7 @@ def truncate_at_stop(
         has_stop (B,) bool.
     """
     width = responses.shape[1]
-    is_stop = responses == stop_token_id
+    is_stop = torch.isin(responses, torch.as_tensor(stop_token_ids, device=responses.device))
     has_stop = is_stop.any(dim=1)
     first_stop = is_stop.int().argmax(dim=1)  # 0 for rows without a stop token; has_stop tells them apart
     lengths = torch.where(has_stop, first_stop + 1, width)

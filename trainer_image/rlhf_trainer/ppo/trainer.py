@@ -33,7 +33,7 @@ from rlhf_api.spec import PPOSpec
 from rlhf_trainer import seeding
 from rlhf_trainer.accelerations.decoding_weights import decoding_weights
 from rlhf_trainer.errors import ConfigError
-from rlhf_trainer.generation import encode_prompts, sample_responses
+from rlhf_trainer.generation import encode_prompts, sample_responses, stop_token_ids
 from rlhf_trainer.judges import Judge
 from rlhf_trainer.modeling import attention_kernel, autocast, response_logprobs
 from rlhf_trainer.padding import left_pad
@@ -108,15 +108,6 @@ class Sizes:
                    updates=steps * s.num_ppo_epochs * (s.batch_size // s.mini_batch_size))
 
 
-def stop_token_id(tokenizer: Any, stop_token: str | None) -> int:
-    if stop_token is None:
-        return tokenizer.eos_token_id
-    vocabulary = tokenizer.get_vocab()
-    if stop_token not in vocabulary:
-        raise ConfigError(f"spec.ppo.stopToken {stop_token!r} is not a single token of the policy's vocabulary")
-    return vocabulary[stop_token]
-
-
 class PPOTrainer:
     """PPO on a prompt list with the four models of :class:`PPOModels`, in one process or several."""
 
@@ -143,7 +134,9 @@ class PPOTrainer:
         self.chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.reward_chat = use_chat_template and bool(getattr(models.reward_tokenizer, "chat_template", None))
         self.pad_id = tokenizer.pad_token_id
-        self.stop_id = stop_token_id(tokenizer, settings.stop_token)
+        named = settings.stop_tokens or ([settings.stop_token] if settings.stop_token else None)
+        self.stop_ids = stop_token_ids(models.policy, tokenizer, named,
+                                       field="spec.ppo.stopTokens" if settings.stop_tokens else "spec.ppo.stopToken")
         self.bf16 = uses_bf16(settings)
         self.temperature = settings.generation.temperature
 
@@ -239,7 +232,7 @@ class PPOTrainer:
         with (self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None),
               attention_kernel(sampler, "sdpa"), decoding_weights(sampler, rows=len(episodes))):
             return sample_responses(
-                sampler, queries, query_mask, self.settings.generation, stop_token_id=self.stop_id,
+                sampler, queries, query_mask, self.settings.generation, stop_token_ids=self.stop_ids,
                 pad_token_id=self.pad_id, generators=episode_generators(self.settings.seed, episodes, self.device),
                 interrupted=lambda: self.stop_requested)
 
@@ -249,7 +242,7 @@ class PPOTrainer:
         """Step 2: truncate at the stop token, score with the reward model, and run the reference once over the
         responses (in micro-batches). The rollout's values are zero until :meth:`value_pass`."""
         settings = self.settings
-        responses, lengths, has_stop = truncate_at_stop(responses, self.stop_id, self.pad_id)
+        responses, lengths, has_stop = truncate_at_stop(responses, self.stop_ids, self.pad_id)
         mask = response_mask(lengths, responses.shape[1])
         texts = [self.models.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
                  for row, n in zip(responses.tolist(), lengths.tolist())]
