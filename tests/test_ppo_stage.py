@@ -33,15 +33,20 @@ NOT_COMPARED = ("time/", "throughput/", "lr/")  # wall-clock figures, and the le
 DECISION_COUNTS = ("policy/clipfrac", "val/clipfrac")
 
 
-def stage_config(ppo_inputs, tmp_path: Path, name: str, storage: dict | None = None, **ppo) -> Path:
+def ppo_pipeline(ppo_inputs, name: str, storage: dict | None = None, **ppo):
+    """A pipeline that runs PPO alone, on the given pi_SFT and R_phi."""
     sft, rm, spec = ppo_inputs
     settings = {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 24}, "batchSize": 4,
                 "miniBatchSize": 2, "numPpoEpochs": 2, "totalEpisodes": 8, "learningRate": 1e-3, "saveSteps": 100,
                 "generation": {"maxNewTokens": 10, "temperature": 1.0}, "judge": {"type": "vader"}, **ppo}
-    doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
-                          "metadata": {"name": name},
-                          "spec": {"model": {"uri": spec.uri}, "sft": {"artifact": sft.as_uri()},
-                                   "reward": {"artifact": rm.as_uri()}, "ppo": settings, "storage": storage or {}}})
+    return parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
+                           "metadata": {"name": name},
+                           "spec": {"model": {"uri": spec.uri}, "sft": {"artifact": sft.as_uri()},
+                                    "reward": {"artifact": rm.as_uri()}, "ppo": settings, "storage": storage or {}}})
+
+
+def stage_config(ppo_inputs, tmp_path: Path, name: str, storage: dict | None = None, **ppo) -> Path:
+    doc = ppo_pipeline(ppo_inputs, name, storage, **ppo)
     path = tmp_path / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_stage_config(doc, Stage.PPO, (tmp_path / "store").as_uri()).to_json())
@@ -188,3 +193,32 @@ def test_two_processes_in_one_pod_under_torchrun_share_its_workspace_and_match_o
 
     assert json.loads((output_dir(pod) / "checkpoints" / "latest.json").read_text())["processes"] == 2
     assert_same_steps(one_process, steps(output_dir(pod) / "metrics.jsonl"))
+
+
+def test_rlhf_run_starts_the_processes_distributed_asks_for_and_they_match_one_process(ppo_inputs, one_process,
+                                                                                      tmp_path, monkeypatch):
+    """The local runner honours ``distributed``: ``procsPerNode: 2`` is two rlhf-train processes on this machine,
+    joined in one process group (plain all-reduce, no ZeRO)."""
+    from rlhf_api.artifacts.checkpoints import read_pointer
+    from rlhf_api.phases import PipelinePhase
+    from rlhf_operator.runner import LocalRunner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    doc = ppo_pipeline(ppo_inputs, "local-two", {"keepCheckpoints": True}, saveSteps=1,
+                       distributed={"procsPerNode": 2}, **SHARDED)
+    result = LocalRunner(doc, tmp_path / "work").run()
+    assert result.phase is PipelinePhase.SUCCEEDED, result.message
+    out = build_stage_config(doc, Stage.PPO, (tmp_path / "work" / "artifacts").as_uri()).output_uri
+    assert read_pointer(out, open_store(out)).processes == 2
+    assert_same_steps(one_process, steps(Path(out.removeprefix("file://")) / "metrics.jsonl"))
+
+
+def test_when_one_process_of_a_stage_fails_the_others_are_stopped_and_its_code_is_the_stages():
+    from rlhf_operator.runner import rank_environments, run_processes
+
+    script = "import os, sys, time; rank = int(os.environ['RANK']); time.sleep(60 * rank); sys.exit(78)"
+    envs = rank_environments(dict(os.environ), 3)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2"] and len({e["MASTER_PORT"] for e in envs}) == 1
+    started = time.monotonic()
+    assert run_processes([sys.executable, "-c", script], envs, grace_s=5) == 78  # rank 0 fails at once
+    assert time.monotonic() - started < 30  # ranks 1 and 2 (sleeping 60 and 120 s) were stopped

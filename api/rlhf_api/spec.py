@@ -130,6 +130,26 @@ def _required_when_run(field: str) -> Rule:
                 f"{field} is required when the stage is enabled and no artifact is given", f".{field}")
 
 
+def _one_process(stage: str) -> Rule:
+    """A sampling stage runs in one process: several would each repeat all of its work."""
+    return Rule("!has(self.distributed) || ((!has(self.distributed.nodes) || self.distributed.nodes == 1) && "
+                "(!has(self.distributed.procsPerNode) || self.distributed.procsPerNode == 1) && "
+                "(!has(self.distributed.zeroStage) || self.distributed.zeroStage == 0))",
+                ONE_PROCESS.format(stage=stage), ".distributed")
+
+
+def _no_zero(stage: str) -> Rule:
+    """A Trainer stage runs its processes under DistributedDataParallel; ZeRO is PPO's."""
+    return Rule("!has(self.distributed) || !has(self.distributed.zeroStage) || self.distributed.zeroStage == 0",
+                NO_ZERO.format(stage=stage), ".distributed.zeroStage")
+
+
+ONE_PROCESS = ("the {stage} stage samples in one process: distributed.nodes and procsPerNode must be 1 and zeroStage "
+               "0 (each process would repeat the whole stage)")
+NO_ZERO = ("distributed.zeroStage is not available for the {stage} stage: its processes train with "
+           "DistributedDataParallel; set zeroStage to 0 (or leave it unset)")
+
+
 # --------------------------------------------------------------------------------------------- model
 
 
@@ -426,7 +446,7 @@ class TrainingArgs(SpecModel):
 
 
 class SFTSpec(StageCommon, TrainingArgs):
-    cel_rules = (_required_when_run("dataset"),)
+    cel_rules = (_required_when_run("dataset"), _no_zero("sft"))
 
     dataset: DatasetRef | None = Field(
         None,
@@ -440,11 +460,12 @@ class SFTSpec(StageCommon, TrainingArgs):
     @model_validator(mode="after")
     def _needs_data(self) -> SFTSpec:
         _require_when_run(self, "dataset")
+        _check_distributed(self, "sft", one_process=False)
         return self
 
 
 class PreferencesSpec(StageCommon):
-    cel_rules = (_required_when_run("prompts"),)
+    cel_rules = (_required_when_run("prompts"), _one_process("preferences"))
 
     prompts: DatasetRef | None = Field(
         None,
@@ -481,10 +502,13 @@ class PreferencesSpec(StageCommon):
     @model_validator(mode="after")
     def _needs_prompts(self) -> PreferencesSpec:
         _require_when_run(self, "prompts")
+        _check_distributed(self, "preferences", one_process=True)
         return self
 
 
 class RewardSpec(StageCommon, TrainingArgs):
+    cel_rules = (_no_zero("reward"),)
+
     init_from: Literal["sft", "base"] = Field(
         "sft", description="initFrom, optional: backbone of the reward model: pi_SFT or the base model."
     )
@@ -524,6 +548,11 @@ class RewardSpec(StageCommon, TrainingArgs):
         "reward scale whichever pairs the reward model learnt from; pair accuracy does not change.",
     )
     learning_rate: float = Field(1e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSpec:
+        _check_distributed(self, "reward", one_process=False)
+        return self
 
 
 class PPOGuardrails(SpecModel):
@@ -719,7 +748,7 @@ class PPOSpec(StageCommon):
 
 
 class EvaluateSpec(StageCommon):
-    cel_rules = (_required_when_run("prompts"),)
+    cel_rules = (_required_when_run("prompts"), _one_process("evaluate"))
 
     prompts: DatasetRef | None = Field(
         None,
@@ -745,7 +774,17 @@ class EvaluateSpec(StageCommon):
     @model_validator(mode="after")
     def _needs_prompts(self) -> EvaluateSpec:
         _require_when_run(self, "prompts")
+        _check_distributed(self, "evaluate", one_process=True)
         return self
+
+
+def _check_distributed(stage: StageCommon, name: str, *, one_process: bool) -> None:
+    """The pydantic twin of :func:`_one_process` and :func:`_no_zero`."""
+    distributed = stage.distributed
+    if one_process and (distributed.nodes, distributed.procs_per_node, distributed.zero_stage) != (1, 1, 0):
+        raise ValueError(ONE_PROCESS.format(stage=name))
+    if distributed.zero_stage:
+        raise ValueError(NO_ZERO.format(stage=name))
 
 
 def _require_when_run(stage: StageCommon, field: str) -> None:

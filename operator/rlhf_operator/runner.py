@@ -1,4 +1,5 @@
-"""The local runner: the pipeline on this machine, each stage a ``rlhf-train`` subprocess.
+"""The local runner: the pipeline on this machine, each stage a ``rlhf-train`` subprocess (one per process of a
+stage whose ``distributed`` asks for several, with the variables torchrun would set).
 
 It drives the same :func:`rlhf_operator.plan.plan` as the operator: observe (is the stage's manifest in the
 store, with this config's digest? did its process fail, and how?), plan, carry out the one action, repeat.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +60,51 @@ def trainer_command(stage: Stage, config_path: Path, workspace: Path) -> list[st
 def trainer_env() -> dict[str, str]:
     """This process's environment with the trainer's (:data:`rlhf_api.entrypoint.TRAINER_ENV`) and tcmalloc."""
     return with_tcmalloc({**os.environ, **entrypoint.TRAINER_ENV})
+
+
+def rank_environments(env: dict[str, str], processes: int) -> list[dict[str, str]]:
+    """One environment per process of a stage that runs ``processes`` processes (``nodes x procsPerNode``), all on
+    this machine: the variables torchrun would set, with the rendezvous on a free loopback port."""
+    if processes == 1:
+        return [env]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    return [{**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(processes),
+             "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(processes)}
+            for rank in range(processes)]
+
+
+def run_processes(cmd: list[str], environments: list[dict[str, str]], grace_s: float = 120.0) -> int:
+    """Run one process per environment and return the stage's exit code: 0 when every one exits 0, else the first
+    failure's. When one fails the others are stopped (SIGTERM: they checkpoint; SIGKILL after ``grace_s``), since
+    they would wait for it in their next collective until the process group's timeout."""
+    procs = [subprocess.Popen(cmd, env=env) for env in environments]
+    try:
+        while True:
+            codes = [proc.poll() for proc in procs]
+            failed = next((code for code in codes if code not in (None, 0)), None)
+            if failed is not None or all(code == 0 for code in codes):
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(procs, grace_s)
+        raise
+    _stop(procs, grace_s)
+    return failed or 0
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in running:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class LocalRunner:
@@ -119,13 +166,8 @@ class LocalRunner:
         self.console.rule(f"[{position}/{len(self.configs)}] [bold]{stage.value}[/] (attempt {attempt})")
         cmd = trainer_command(stage, config_path, workspace)
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=trainer_env())
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            raise
+        distributed = self.doc.spec.stage(stage).distributed
+        code = run_processes(cmd, rank_environments(trainer_env(), distributed.nodes * distributed.procs_per_node))
         report.seconds = (report.seconds or 0.0) + time.monotonic() - t0
         report.attempts = attempt
         if code == 0 and self.complete(stage):
