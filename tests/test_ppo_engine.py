@@ -370,6 +370,27 @@ def test_reward_scores_of_several_answers_to_a_prompt_read_it_once_and_equal_eac
     assert listed == pytest.approx(alone.tolist(), abs=1e-5)
 
 
+def test_ppo_scores_its_rollouts_in_the_same_passes_on_every_process_whatever_their_prompts(ppo_inputs, monkeypatch):
+    """Under ZeRO-3 each forward pass gathers its weights in collectives, so every process must run the same passes:
+    PPO's reward scoring never groups rollouts by prompt (a prompt repeated on one process would change its
+    batches, and a shared-prefix batch is two passes, not one)."""
+    from rlhf_trainer.ppo import trainer as trainer_module
+    from rlhf_trainer.reward_scoring import prompt_group_batches
+
+    sequences = [[1, 2, 3]] * 6
+    repeated, distinct = [PROMPTS[0]] * 3 + PROMPTS[1:4], PROMPTS[:6]
+    plain = [prompt_group_batches(p, sequences, 4, by_length=False, group_prompts=False) for p in (repeated, distinct)]
+    assert plain[0] == plain[1] == [[[0], [1], [2], [3]], [[4], [5]]]
+    assert prompt_group_batches(repeated, sequences, 4, by_length=False) != plain[0]  # grouped: depends on prompts
+
+    calls = []
+    scores = trainer_module.reward_scores
+    monkeypatch.setattr(trainer_module, "reward_scores", lambda *args, **kwargs: calls.append(kwargs) or scores(
+        *args, **kwargs))
+    make_trainer(ppo_inputs, totalEpisodes=4, batchSize=4, miniBatchSize=4).train()
+    assert calls and all(call["group_prompts"] is False for call in calls)
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_with_lora_in_one_process_matches_plain_pytorch_in_float32_and_under_bf16(ppo_inputs,
                                                                                                   monkeypatch):

@@ -25,7 +25,7 @@ def reward_input_ids(tokenizer: Any, prompt: str, response: str, chat: bool) -> 
 
 
 def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, chat: bool,
-                  batch_size: int = 16, by_length: bool = False) -> torch.Tensor:
+                  batch_size: int = 16, by_length: bool = False, group_prompts: bool = True) -> torch.Tensor:
     """Reward-model score of each (prompt, response): the scalar head at the last real token.
 
     Runs in the caller's autograd mode: :func:`score` (the reward and evaluate stages) under inference mode,
@@ -33,7 +33,9 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     mode). ``by_length``: batch the texts in order of length (for hundreds of texts of varied lengths: sorted, a
     batch carries little padding); the scores come back in input order either way. Where a prompt has several
     answers (the evaluate stage's, a held-out set's), they share a batch and the model reads the prompt once
-    (:mod:`rlhf_trainer.shared_prefix`).
+    (:mod:`rlhf_trainer.shared_prefix`), unless ``group_prompts`` is false: then the batches are consecutive rows,
+    each one whole-sequence pass, whatever the prompts (PPO under ZeRO-3, where every process must run the same
+    forward passes: its parameters are gathered in collectives).
 
     Returns:
         (B,) float32 scores on the model's device.
@@ -41,7 +43,7 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
     device = next(model.parameters()).device
     sequences = [reward_input_ids(tokenizer, p, r, chat) for p, r in zip(prompts, responses)]
     scores = torch.empty(len(sequences), device=device)
-    for groups in prompt_group_batches(prompts, sequences, batch_size, by_length):
+    for groups in prompt_group_batches(prompts, sequences, batch_size, by_length, group_prompts):
         rows = [row for group in groups for row in group]
         split: dict[str, torch.Tensor] = {}
         if len(groups) < len(rows):  # a prompt with several answers here: read it once
@@ -59,14 +61,15 @@ def reward_scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses:
 
 
 def prompt_group_batches(prompts: Sequence[str], sequences: Sequence[Sequence[int]], batch_size: int,
-                         by_length: bool) -> list[list[list[int]]]:
+                         by_length: bool, group_prompts: bool = True) -> list[list[list[int]]]:
     """Row indices in batches of at most ``batch_size``, each batch a list of groups: rows of one prompt.
 
     A prompt's rows stay together (in chunks of ``batch_size`` when there are more); ``by_length`` orders the
-    groups by their longest sequence, otherwise they keep the order of their first row.
+    groups by their longest sequence, otherwise they keep the order of their first row. Without
+    ``group_prompts`` every row is a group of its own: the batches depend on the number of rows only.
     """
-    groups = [rows[start:start + batch_size]
-              for rows in group_rows(prompts) for start in range(0, len(rows), batch_size)]
+    grouped = group_rows(prompts) if group_prompts else [[row] for row in range(len(prompts))]
+    groups = [rows[start:start + batch_size] for rows in grouped for start in range(0, len(rows), batch_size)]
     if by_length:
         groups.sort(key=lambda group: max(len(sequences[row]) for row in group))
     batches: list[list[list[int]]] = []

@@ -250,8 +250,10 @@ class PPOTrainer:
         with torch.no_grad():
             # The reward model reads text in the format it was trained on (chat template over user + assistant).
             with self.models.reward_model() as reward_model, autocast(self.device, self.bf16):
+                # the same passes on every process, whatever its prompts (ZeRO-3 gathers weights per pass)
                 rm_scores = reward_scores(reward_model, self.models.reward_tokenizer, prompts, texts,
-                                          chat=self.reward_chat, batch_size=self.sizes.micro_batch)
+                                          chat=self.reward_chat, batch_size=self.sizes.micro_batch,
+                                          group_prompts=False)
             scores = apply_missing_eos_penalty(rm_scores, has_stop, settings.missing_eos_penalty)
             rollout = Rollout(episodes=torch.tensor(list(episodes), device=self.device), queries=queries,
                               query_mask=query_mask, responses=responses, mask=mask, lengths=lengths,
