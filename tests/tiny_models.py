@@ -26,8 +26,10 @@ def corpus() -> list[str]:
     return texts
 
 
-def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with a 600-token BPE vocabulary, saved as a plain checkpoint folder."""
+def build_tiny_causal_lm(out: Path, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
+    """A 2-layer Llama with a 600-token BPE vocabulary, saved as a plain checkpoint folder (``hidden_size`` 512:
+    every weight matrix above DeepSpeed's default ZeRO-3 persistence threshold of 1e5 elements, so all are
+    partitioned)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -45,7 +47,7 @@ def build_tiny_causal_lm(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,

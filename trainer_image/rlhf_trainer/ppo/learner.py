@@ -12,7 +12,8 @@ over all optimizer steps of the run; gradients clipped to ``maxGradNorm`` after 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,28 @@ class DeepSpeedLearner:
     def lr(self) -> float:
         return float(self.model.get_lr()[0])
 
-    def gathered(self) -> AbstractContextManager:
-        """Under ZeRO-3, gather the full parameters for the duration (generation, saving)."""
+    @contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Under ZeRO-3: every parameter gathered once for the duration (generation, saving), with the engine's
+        per-module hooks off, so that the forward passes inside (one per decoded token) neither gather a weight
+        again nor release it after each module: no collective runs inside, whatever each process decodes."""
         if self.zero_stage != 3:
-            return nullcontext()
+            yield
+            return
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+        offload = self.model.optimizer.parameter_offload
+        # the root module's start-of-forward hook too: it checks that every process runs the same forward step
+        start_of_forward = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            for hook in (offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks):
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:  # registered again in DeepSpeed's order: the start-of-forward hook first
+                offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward)
+                offload._register_deepspeed_module(offload.module)
 
     def save(self, directory: Path, name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)

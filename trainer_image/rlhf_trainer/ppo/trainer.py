@@ -224,11 +224,12 @@ class PPOTrainer:
                 query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 1: sample a response to each query with the current policy, and each token's log-probability.
 
-        KV cache, no autograd; full weights under ZeRO-3; under bf16 from a bfloat16 copy of the current weights;
-        each linear layer from a copy made for decoding (:mod:`rlhf_trainer.accelerations.decoding_weights`). The
-        log-probabilities come from the sampling pass itself: no extra forward pass.
+        KV cache, no autograd; under ZeRO-3 the full weights, gathered once for the rollout (no collective per
+        token, so processes may decode different numbers of tokens); under bf16 from a bfloat16 copy of the current
+        weights; each linear layer from a copy made for decoding (:mod:`rlhf_trainer.accelerations.decoding_weights`).
+        The log-probabilities come from the sampling pass itself: no extra forward pass.
         """
-        sampler = self.sampler.refreshed() if self.sampler else self.policy.model
+        sampler = self.sampler.refreshed() if self.sampler else self.policy.module  # not DeepSpeed's engine
         with (self.policy.gathered(), autocast(self.device, self.bf16 and self.sampler is None),
               attention_kernel(sampler, "sdpa"), decoding_weights(sampler, rows=len(episodes))):
             return sample_responses(
