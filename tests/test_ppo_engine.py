@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import PROMPTS
 
 from rlhf_api.spec import PPOSpec
 from rlhf_trainer import models as hf_models
@@ -18,11 +19,6 @@ from rlhf_trainer.ppo.models import load_models
 from rlhf_trainer.ppo.rollout import episode_generators
 from rlhf_trainer.ppo.trainer import PPOTrainer
 from rlhf_trainer.stages.ppo import save_policy
-
-PROMPTS = ["Write a one-sentence review of a film about a lighthouse keeper.",
-           "Review a comedy about two rival bakers.", "A thriller set on a night train.",
-           "An animated film about a lost robot.", "A documentary about deep-sea fish.",
-           "A romance between two chess players."]
 
 
 def settings(**overrides) -> PPOSpec:

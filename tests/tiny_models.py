@@ -17,6 +17,13 @@ CHATML = (
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "movie-reviews"
 
 
+#: Prompts for the PPO tests' rollouts.
+PROMPTS = ["Write a one-sentence review of a film about a lighthouse keeper.",
+           "Review a comedy about two rival bakers.", "A thriller set on a night train.",
+           "An animated film about a lost robot.", "A documentary about deep-sea fish.",
+           "A romance between two chess players."]
+
+
 def corpus() -> list[str]:
     texts = []
     for name in ("sft.jsonl", "prompts-train.jsonl", "prompts-eval.jsonl"):

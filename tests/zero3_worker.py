@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tiny_models import PROMPTS
 
 GATHERS = {"count": 0}
 
@@ -32,10 +33,6 @@ for _name in ("all_gather_into_tensor", "all_gather", "_all_gather_base"):
     if hasattr(dist, _name):
         setattr(dist, _name, _counted(getattr(dist, _name)))
 
-PROMPTS = ["Write a one-sentence review of a film about a lighthouse keeper.",
-           "Review a comedy about two rival bakers.", "A thriller set on a night train.",
-           "An animated film about a lost robot.", "A documentary about deep-sea fish.",
-           "A romance between two chess players."]
 
 
 def settings(zero_stage: int, stops: list[str] | None):
