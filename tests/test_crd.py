@@ -69,7 +69,8 @@ def test_cross_field_rules_are_cel_validations():
     ppo_rules = {r["fieldPath"]: r["rule"] for r in spec["properties"]["ppo"]["x-kubernetes-validations"]}
     assert ppo_rules[".miniBatchSize"] == "self.batchSize % self.miniBatchSize == 0"
     assert ".prompts" in ppo_rules and ".gradientAccumulationSteps" in ppo_rules
-    assert {r["fieldPath"] for r in spec["x-kubernetes-validations"]} == {".storage", ".reward", ".ppo", ".evaluate"}
+    assert {r["fieldPath"] for r in spec["x-kubernetes-validations"]} == {
+        ".storage", ".reward", ".ppo", ".evaluate", ".ppo.distributed.zeroStage"}
     lora = spec["properties"]["sft"]["properties"]["lora"]
     assert "default" not in lora["properties"]["r"]  # a CEL rule must see an unset rank as unset
     transition = [r for r in schema["x-kubernetes-validations"] if "oldSelf" in r["rule"]]

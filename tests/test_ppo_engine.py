@@ -390,9 +390,10 @@ def test_ppo_scores_its_rollouts_in_the_same_passes_on_every_process_whatever_th
 @pytest.mark.slow
 def test_deepspeed_zero3_with_lora_in_one_process_matches_plain_pytorch_in_float32_and_under_bf16(ppo_inputs,
                                                                                                   monkeypatch):
-    """Under bf16 the DeepSpeed engine runs torch's autocast itself (on a GPU it switches an outer one off: a float32
-    score head then met its bfloat16 base's outputs). Both precisions in one process group: DeepSpeed keeps the
-    first group it saw for the life of the process, as a stage process has one."""
+    """Under bf16 the DeepSpeed engine runs its own mixed precision (bfloat16 weights, LoRA's and the score head's
+    included, float32 masters in the optimizer); plain PyTorch runs autocast over float32 weights. Both precisions in
+    one process group: DeepSpeed keeps the first group it saw for the life of the process, as a stage process has
+    one."""
     import socket
 
     with socket.socket() as sock:

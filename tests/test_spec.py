@@ -77,6 +77,15 @@ def test_malformed_specs_name_the_field(path, value, field, words):
     assert any(words in line for line in lines), lines
 
 
+def test_quantized_weights_under_zero3_are_rejected_and_zero2_is_not():
+    doc = mutate("spec.model.quantization", {"bits": 4})
+    doc["spec"]["ppo"]["distributed"] = {"zeroStage": 3}
+    with pytest.raises(SpecError, match="model.quantization does not combine with ppo.distributed.zeroStage 3"):
+        parse_pipeline(doc)
+    doc["spec"]["ppo"]["distributed"] = {"zeroStage": 2}
+    assert parse_pipeline(doc).spec.ppo.distributed.zero_stage == 2
+
+
 def test_reward_without_preferences_is_rejected():
     doc = mutate("spec.preferences.enabled", False)
     with pytest.raises(SpecError, match="reward needs preference pairs"):

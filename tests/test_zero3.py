@@ -3,7 +3,8 @@ persistence threshold, so each process really holds a shard of each and gathers 
 
 Greedy rollouts whose stop tokens are chosen so that the first process's rows stop after a few tokens while the
 second's run to the length limit: each process decodes a different number of tokens. The run must finish, match
-one plain process, and gather each weight at most once per rollout, not once per decoded token.
+one plain process, and gather each weight at most once per rollout, not once per decoded token. Every model, the
+frozen reference and reward models too, is partitioned from the moment it is loaded.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def test_zero3_across_two_processes_that_decode_different_lengths_matches_one_pr
     one = run(sft, rm, tmp_path / "one", 1, 0, stops)
     two = run(sft, rm, tmp_path / "two", 2, 3, stops)
 
+    # every model, trained or frozen, partitioned from loading on: each process holds about half of each
+    for rank in two:
+        for role, (held, total) in rank["held"].items():
+            assert held <= 0.55 * total, (role, held, total)
+    assert all(held == total for held, total in one[0]["held"].values())
+
     # the first step's rollouts: the first process's rows stopped early, the second's ran to the limit
     assert two[0]["rollouts"][0]["decoded"] <= 3 < two[1]["rollouts"][0]["decoded"] == 8
     for got, want in zip(two[0]["history"], one[0]["history"]):
@@ -109,3 +116,70 @@ def test_zero3_across_two_processes_that_decode_different_lengths_matches_one_pr
     # however many tokens a process decodes: gathering per decoded token would take eight times as many here
     for rank in two:
         assert all(0 < rollout["gathers"] <= rank["parameters"] for rollout in rank["rollouts"]), rank["rollouts"]
+
+
+def test_sigterm_to_one_process_while_it_decodes_checkpoints_every_process_and_the_resumed_run_is_the_same(
+        sharded_inputs, tmp_path):
+    """Two ZeRO-3 processes of ``rlhf-train ppo``; the second is terminated before the fourth token of its second
+    rollout (the first process is decoding too, and keeps going: no collective runs while processes decode). Both
+    agree to stop after the rollout, store their shards of the state after step 1 and exit 143; two new processes
+    resume and finish with the metrics and the published weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from test_ppo_stage import CPU, finish, output_dir, rlhf_train, stage_config, steps, trainer_environment
+
+    from rlhf_api.entrypoint import EXIT_PREEMPTED
+
+    sft, rm = sharded_inputs
+    inputs = (sft, rm, ModelSpec(uri=sft.as_uri()))
+    settings = dict(totalEpisodes=12, miniBatchSize=4, saveSteps=1, distributed={"nodes": 2, "zeroStage": 3},
+                    stopToken="<|endoftext|>",  # never sampled by the random model: every row decodes 10 tokens
+                    storage={"keepCheckpoints": True})
+
+    def two_processes(config: Path, workspace: Path, first_command: list[str] | None = None,
+                      second_command: list[str] | None = None) -> tuple[list[int], list[str]]:
+        port = free_port()
+        procs = []
+        for rank, command in enumerate((first_command, second_command)):
+            env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK="0",
+                       **CPU)
+            if command is None:
+                procs.append(rlhf_train(config, workspace / f"rank{rank}", **env))
+            else:
+                procs.append(subprocess.Popen(
+                    [sys.executable, *command, "ppo", "--config", str(config), "--workspace",
+                     str(workspace / f"rank{rank}")],
+                    env={**trainer_environment(**env), "PYTHONPATH": os.pathsep.join([str(WORKER.parent), *sys.path])},
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [finish(p) for p in procs]
+        return [p.returncode for p in procs], outputs
+
+    straight = stage_config(inputs, tmp_path / "a", "straight", **settings)
+    codes, outputs = two_processes(straight, tmp_path / "a")
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "ppo: ZeRO-3, process 1 of 2 holds policy" in outputs[1]
+    expected = steps(output_dir(straight) / "metrics.jsonl")
+
+    config = stage_config(inputs, tmp_path / "b", "interrupted", **settings)
+    sigterm = [str(WORKER.with_name("sigterm_worker.py")), "2", "4"]
+    codes, outputs = two_processes(config, tmp_path / "b", second_command=sigterm)
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], "\n".join(o[-3000:] for o in outputs)
+    assert "test: SIGTERM sent before token 4 of rollout 2" in outputs[1]
+    pointer = json.loads((output_dir(config) / "checkpoints" / "latest.json").read_text())
+    assert (pointer["global_step"], pointer["processes"]) == (1, 2)
+    for rank in (0, 1):  # each process stored its own shard
+        assert (output_dir(config) / "checkpoints" / pointer["checkpoint"] / f"rank-{rank}" / "manifest.json").exists()
+    assert not (output_dir(config) / "manifest.json").exists()
+
+    codes, outputs = two_processes(config, tmp_path / "c")
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "(step 1)" in outputs[0]  # resumed from the checkpoint of step 1
+    resumed = steps(output_dir(config) / "metrics.jsonl")
+    assert [e["step"] for e in resumed] == [e["step"] for e in expected] == [1, 2, 3]
+    for got, want in zip(resumed, expected):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (key, got["step"])
+    final, uninterrupted = (load_file(output_dir(c) / "model.safetensors") for c in (config, straight))
+    assert sorted(final) == sorted(uninterrupted)
+    for name, weight in uninterrupted.items():
+        assert weight.numel() > 0
+        torch.testing.assert_close(final[name], weight, rtol=1e-5, atol=1e-6, msg=name)

@@ -81,6 +81,11 @@ def main(argv: list[str]) -> int:
         return responses, logprobs
 
     trainer.rollout = counted_rollout
+    from rlhf_trainer.ppo.zero import held_parameters
+
+    models = {"policy": trainer.policy.module, "value": trainer.value.module, "reference": trainer.models.reference,
+              "reward": trainer.models.reward}
+    held = {role: held_parameters(net) for role, net in models.items()}  # before any step: as loaded
     history = trainer.train()
     with trainer.policy.gathered():  # every process takes part; the main one writes
         weights = {name: p.detach().clone().contiguous() for name, p in trainer.policy.module.named_parameters()}
@@ -88,7 +93,7 @@ def main(argv: list[str]) -> int:
         save_file(weights, str(args.out.with_suffix(".safetensors")))
     parameters = len(weights)
     args.out.with_name(f"{args.out.stem}-rank{trainer.world.rank}.json").write_text(json.dumps(
-        {"history": history, "rollouts": rollouts, "parameters": parameters}))
+        {"history": history, "rollouts": rollouts, "parameters": parameters, "held": held}))
     distributed.shutdown()
     return 0
 

@@ -803,6 +803,11 @@ STAGE_SPECS: dict[Stage, type[StageCommon]] = {
 }
 
 
+QUANTIZED_ZERO3 = ("model.quantization does not combine with ppo.distributed.zeroStage 3: ZeRO-3 partitions every "
+                   "weight and bitsandbytes' quantized weights cannot be partitioned; use zeroStage 2 (or 0), or "
+                   "remove model.quantization")
+
+
 def _runs(stage: str) -> str:
     """CEL: the stage is executed (its section is present, enabled, and no artifact stands in for it)."""
     return f"(has(self.{stage}) && self.{stage}.enabled && !has(self.{stage}.artifact))"
@@ -826,6 +831,9 @@ class RLHFPipelineSpec(SpecModel):
         Rule(f"!{_runs('evaluate')} || {_provides('ppo')} || {_provides('reward')}",
              "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact",
              ".evaluate"),
+        Rule(f"!{_runs('ppo')} || !has(self.model.quantization) || !has(self.model.quantization.bits) "
+             "|| !has(self.ppo.distributed) || !has(self.ppo.distributed.zeroStage) "
+             "|| self.ppo.distributed.zeroStage != 3", QUANTIZED_ZERO3, ".ppo.distributed.zeroStage"),
     )
 
     model: ModelSpec = Field(description="model, required: the base model and its tokenizer.")
@@ -876,6 +884,8 @@ class RLHFPipelineSpec(SpecModel):
             raise ValueError(
                 "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact"
             )
+        if self.ppo.runs and self.model.quantization.bits and self.ppo.distributed.zero_stage == 3:
+            raise ValueError(QUANTIZED_ZERO3)
         return self
 
 

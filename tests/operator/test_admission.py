@@ -100,6 +100,9 @@ INVALID = [
     ("unknown judge", edit("preferences.judge", {"type": "gpt"}), "spec.preferences.judge.type", "Unsupported value"),
     ("dataset limit zero", edit("sft.dataset.limit", 0), "spec.sft.dataset.limit",
      "should be greater than or equal to 1"),
+    ("quantized weights under ZeRO-3", edit("ppo.distributed", {"zeroStage": 3},
+                                            edit("model.quantization", {"bits": 4})),
+     "spec.ppo.distributed.zeroStage", "model.quantization does not combine with ppo.distributed.zeroStage 3"),
 ]
 
 

@@ -193,7 +193,8 @@ def transformers_errors_only() -> Iterator[None]:
 
 def _fit_vocab(net: Any, tokenizer: Any) -> Any:
     """Grow the embeddings when the tokenizer gained a pad token, and record the pad id in the config."""
-    if net.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    weight = net.get_input_embeddings().weight
+    if getattr(weight, "ds_shape", weight.shape)[0] < len(tokenizer):  # ds_shape: a ZeRO-3 shard's full shape
         with transformers_errors_only():  # the new row's initialisation (the old rows' mean) is not news
             net.resize_token_embeddings(len(tokenizer))
     net.config.pad_token_id = tokenizer.pad_token_id

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rlhf_api.spec import PPOSpec
-from rlhf_trainer.models import set_deepspeed_accelerator
 from rlhf_trainer.ppo.distributed import World
+from rlhf_trainer.ppo.zero import engine_config, import_deepspeed
 
 ADAM_EPS = 1e-5
 
@@ -124,7 +124,10 @@ class TorchLearner:
 
 
 class DeepSpeedLearner:
-    """A DeepSpeed ZeRO engine. Every process saves and loads its own shard of weights and optimizer state."""
+    """A DeepSpeed ZeRO engine. Every process saves and loads its own shard of weights and optimizer state.
+
+    Under bf16 DeepSpeed's own mixed precision (its ``bf16`` section): bfloat16 weights, gathers and gradient
+    reductions, float32 master weights in the optimizer's partitions."""
 
     def __init__(self, module: nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, total_updates: int,
                  max_grad_norm: float, world: World, zero_stage: int, micro_batch: int,
@@ -134,19 +137,10 @@ class DeepSpeedLearner:
         self.zero_stage = zero_stage
         self.accumulation_steps = accumulation_steps
         params = [p for p in module.parameters() if p.requires_grad]
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": accumulation_steps,
-            "gradient_clipping": max_grad_norm,
-            "zero_optimization": {"stage": zero_stage},
-            "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own needs compiled kernels
-            # The engine turns off a CUDA autocast that is on around its forward pass unless it runs its own: under
-            # bf16, torch's autocast over the float32 master weights, as outside DeepSpeed (without it a LoRA value
-            # head in float32 meets its frozen bfloat16 base's outputs and the product fails).
-            "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
+        # the config the module was loaded with under ZeRO-3 (ppo.models), plus this engine's batch and clipping
+        config = engine_config(zero_stage=zero_stage, hidden=model_hidden_size(module), bf16=bf16,
+                               micro_batch=micro_batch, accumulation_steps=accumulation_steps,
+                               max_grad_norm=max_grad_norm)
         self.model, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=adamw(params, lr),
@@ -207,16 +201,13 @@ class DeepSpeedLearner:
 Learner = TorchLearner | DeepSpeedLearner
 
 
-def import_deepspeed() -> Any:
-    """DeepSpeed, set up for this machine: the CPU accelerator without a GPU, collectives through torch."""
-    set_deepspeed_accelerator()
-    import deepspeed
-    import deepspeed.ops
-
-    # DeepSpeed would compile its shared-memory collective kernels at start-up (minutes, and a compiler in the
-    # image); the process group's own gloo/nccl collectives are what we use.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
+def model_hidden_size(module: nn.Module) -> int:
+    """The hidden size in the config of the (first) transformers model inside ``module``."""
+    for inner in module.modules():
+        size = getattr(getattr(inner, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    raise ValueError(f"{type(module).__name__} holds no transformers model with a hidden_size in its config")
 
 
 def make_learner(module: nn.Module, *, lr: float, settings: PPOSpec, total_updates: int, micro_batch: int,

@@ -14,6 +14,9 @@ bfloat16 (half the memory, no cast at every forward pass), LoRA's frozen base in
 stay in the spec's dtype (float32 for ``auto``: master weights under autocast). Dropout is disabled everywhere
 (detail: with dropout the log-probabilities of the rollout and of the first update would differ for the same
 weights).
+Under ZeRO-3 (``distributed.zeroStage: 3``) each model is partitioned across the processes as it is loaded, and
+the frozen ones run as DeepSpeed inference engines (:mod:`rlhf_trainer.ppo.zero`): no process holds a whole model
+outside a rollout.
 The value model is the reward model's scalar head read at every position (:class:`TokenValues`), so its first
 estimates are the reward model's own opinion of each prefix. ``gradientCheckpointing`` checkpoints the decoder
 layers of the two trained models.
@@ -22,7 +25,7 @@ layers of the two trained models.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +36,7 @@ from rlhf_api.spec import ModelSpec, PPOSpec, QuantizationSpec
 from rlhf_trainer import models as hf_models
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.modeling import Sequences, transformers_model
+from rlhf_trainer.ppo import zero
 
 
 class TokenValues(nn.Module):
@@ -80,6 +84,7 @@ class PPOModels:
     reference: nn.Module | None
     value: TokenValues
     reward: nn.Module | None
+    engines: list[Any] = field(default_factory=list)  # under ZeRO-3, the frozen models' DeepSpeed engines
 
     @contextmanager
     def reference_of(self, policy: Any) -> Iterator[Any]:
@@ -160,6 +165,36 @@ def merged_policy(policy: Any, policy_dir: Path, spec: ModelSpec, tokenizer: Any
     return merged.merge_and_unload()
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How each model is created: whole on every process, or (ZeRO-3) partitioned as it is created."""
+
+    trained: dict[str, Any] | None  # the trained models' DeepSpeed config under ZeRO-3, else None
+    frozen: dict[str, Any] | None  # the frozen models' (no optimizer; their own precision)
+
+    @classmethod
+    def of(cls, settings: PPOSpec, policy_dir: Path, frozen: ModelSpec, bf16: bool) -> Loading:
+        if settings.distributed.zero_stage != 3:
+            return cls(None, None)
+        hidden = zero.hidden_size(policy_dir)
+        trained = zero.engine_config(zero_stage=3, hidden=hidden, bf16=bf16)
+        if frozen.quantization.bits:  # bitsandbytes weights are not partitioned: the frozen models load whole
+            return cls(trained, None)
+        return cls(trained, zero.engine_config(zero_stage=3, hidden=hidden, bf16=frozen.dtype == "bfloat16"))
+
+    def place(self, net: nn.Module, spec: ModelSpec, device: torch.device, *, trained: bool) -> nn.Module:
+        """A model loaded whole goes to ``device``; a partitioned one stays where DeepSpeed put its shard."""
+        return net if (self.trained if trained else self.frozen) is not None else _to(net, spec, device)
+
+    def frozen_model(self, net: nn.Module, engines: list[Any]) -> nn.Module:
+        """A frozen model to call: itself, or under ZeRO-3 the module of an inference engine kept in ``engines``."""
+        net = hf_models.freeze(net)
+        if self.frozen is None:
+            return net
+        engines.append(zero.inference_engine(net, self.frozen))
+        return engines[-1].module
+
+
 def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: PPOSpec,
                 device: torch.device) -> PPOModels:
     """Load policy, reference, value and reward models for PPO.
@@ -180,34 +215,43 @@ def load_models(policy_dir: Path, reward_dir: Path, spec: ModelSpec, settings: P
         )
     lora, bf16 = settings.lora.enabled, uses_bf16(settings)
     frozen = hf_models.frozen_spec(spec, bf16)
+    loading = Loading.of(settings, policy_dir, frozen, bf16)
+    engines: list[Any] = []
 
     policy_spec = frozen if lora else _unquantized(spec)
-    policy = _to(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer, trained_in_bf16=bf16), policy_spec,
-                 device)
+    with zero.sharded_loading(loading.trained):
+        policy = loading.place(hf_models.load_causal_lm(policy_dir, policy_spec, tokenizer, trained_in_bf16=bf16),
+                               policy_spec, device, trained=True)
     reference = None
     if lora:
         from peft import get_peft_model
 
         policy = _trained_in_float32(get_peft_model(policy, hf_models.lora_config(settings.lora, "CAUSAL_LM")))
     else:
-        reference = hf_models.freeze(_to(hf_models.load_causal_lm(policy_dir, frozen, tokenizer), frozen, device))
+        with zero.sharded_loading(loading.frozen):
+            reference = loading.frozen_model(loading.place(hf_models.load_causal_lm(policy_dir, frozen, tokenizer),
+                                                           frozen, device, trained=False), engines)
     disable_dropout(policy).train()
     if settings.gradient_checkpointing:
         _activation_checkpointed(policy)
 
     value_lora = lora and settings.value_lora
     value_spec = frozen if value_lora else _unquantized(spec)
-    classifier = _to(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer,
-                                                      trained_in_bf16=bf16), value_spec, device)
+    with zero.sharded_loading(loading.trained):
+        classifier = loading.place(hf_models.load_sequence_classifier(reward_dir, value_spec, reward_tokenizer,
+                                                                      trained_in_bf16=bf16),
+                                   value_spec, device, trained=True)
     reward = None
     if value_lora:
         from peft import get_peft_model
 
         classifier = _trained_in_float32(get_peft_model(classifier, hf_models.lora_config(settings.lora, "SEQ_CLS")))
     else:
-        reward = hf_models.freeze(_to(hf_models.load_sequence_classifier(reward_dir, frozen, reward_tokenizer),
-                                      frozen, device))
+        with zero.sharded_loading(loading.frozen):
+            reward = loading.frozen_model(loading.place(
+                hf_models.load_sequence_classifier(reward_dir, frozen, reward_tokenizer), frozen, device,
+                trained=False), engines)
     if settings.gradient_checkpointing:
         _activation_checkpointed(classifier)
     value = TokenValues(disable_dropout(classifier)).train()
-    return PPOModels(tokenizer, reward_tokenizer, policy, reference, value, reward)
+    return PPOModels(tokenizer, reward_tokenizer, policy, reference, value, reward, engines)

@@ -30,6 +30,7 @@ from rlhf_trainer.ppo.checkpoint import PPOCheckpoints
 from rlhf_trainer.ppo.metrics_log import MetricsLog
 from rlhf_trainer.ppo.models import load_models, merged_policy
 from rlhf_trainer.ppo.trainer import METRICS, PPOTrainer, Stopped
+from rlhf_trainer.ppo.zero import held_parameters
 from rlhf_trainer.workspace import Workspace
 
 HEADLINE = {"objective/rm_score": metric_keys.RM_SCORE, "objective/kl": metric_keys.KL, "objective/kl_coef": "kl_coef",
@@ -59,6 +60,8 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     trainer = PPOTrainer(settings, models, [r["prompt"] for r in rows], world,
                          use_chat_template=ws.config.model.tokenizer.use_chat_template,
                          judge=make_judge(settings.judge.type) if settings.judge else None, log=log)
+    if settings.distributed.zero_stage == 3:
+        print(sharding(trainer), flush=True)
     checkpoints = PPOCheckpoints(ws, world)
     checkpoints.restore(trainer)
 
@@ -82,6 +85,16 @@ def train(ws: Workspace, settings: PPOSpec, world: distributed.World) -> dict[st
     metrics.update({metric_keys.guardrail(name): int(name in trainer.guardrails.fired)
                     for name in metric_keys.GUARDRAILS})
     return metrics
+
+
+def sharding(trainer: PPOTrainer) -> str:
+    """What this process holds of each model under ZeRO-3, e.g. ``policy 67.6M of 135M``."""
+    models = trainer.models
+    held = {"policy": trainer.policy.module, "value": trainer.value.module, "reference": models.reference,
+            "reward": models.reward}
+    parts = [f"{role} {h / 1e6:.1f}M of {t / 1e6:.1f}M" for role, net in held.items() if net is not None
+             for h, t in [held_parameters(net)]]
+    return f"ppo: ZeRO-3, process {trainer.world.rank} of {trainer.world.size} holds " + ", ".join(parts)
 
 
 class ProgressLog(MetricsLog):
