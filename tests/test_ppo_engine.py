@@ -201,6 +201,31 @@ def test_under_bf16_frozen_models_are_bf16_and_rollouts_sample_from_a_refreshed_
     assert make_trainer(ppo_inputs, bf16=True, lora={"enabled": True, "r": 4, "alpha": 8}).sampler is None
 
 
+def test_after_sampling_from_the_bf16_copy_the_old_logprobs_are_the_trained_models_so_the_first_ratio_is_one(
+        ppo_inputs):
+    """The copy runs its norms and softmax in bfloat16, autocast over the trained weights in float32: their
+    log-probabilities differ, and PPO's ratio must start at 1 for the model it updates."""
+    trainer = make_trainer(ppo_inputs, bf16=True, numPpoEpochs=1, miniBatchSize=4, totalEpisodes=4)
+    seen = {}
+    rollout, make_experience = trainer.rollout, trainer.make_experience
+
+    def sampling(*args):
+        responses, logprobs = rollout(*args)
+        seen["sampled"] = logprobs.clone()
+        return responses, logprobs
+
+    def experience(*args):
+        seen["experience"] = make_experience(*args)
+        return seen["experience"]
+
+    trainer.rollout, trainer.make_experience = sampling, experience
+    [metrics] = trainer.train()
+    old, mask = seen["experience"].logprobs, seen["experience"].mask
+    sampled = seen["sampled"][:, :old.shape[1]] * mask
+    assert (sampled - old).abs().max() > 1e-4  # the copy's log-probabilities are not the trained model's
+    assert metrics["policy/approxkl"] < 1e-9  # one mini-batch, one epoch: the update saw ratios of 1
+
+
 def test_on_a_bf16_gpu_trained_weights_stay_float32_and_bf16_false_loads_nothing_in_bf16_gpu_simulated(
         ppo_inputs, monkeypatch):
     """The dtype decisions load_models makes on a GPU with bfloat16, the GPU simulated (torch.cuda answers as an

@@ -5,7 +5,8 @@ One step, as in Ziegler et al. 2019 and Huang et al. 2024 ("The N+ Implementatio
 * :meth:`~PPOTrainer.make_experience`:
   1. rollout: sample a response to each of this step's prompts with the current policy;
   2. score: truncate at the stop token, score with the reward model, one forward pass of the reference (the
-     policy's log-probabilities come from the sampling pass);
+     policy's log-probabilities come from the sampling pass; after sampling from a bfloat16 copy, from one forward
+     pass of the policy);
   3. rewards: a KL penalty on every token, the score on the last one;
   4. values and advantages: one forward pass of the value model, GAE, advantages whitened over the batch;
 * :meth:`~PPOTrainer.update`: 5. PPO epochs over shuffled mini-batches: clipped policy loss, clipped value loss;
@@ -264,7 +265,19 @@ class PPOTrainer:
                 for rows in self.micro_batch_rows(len(episodes)):
                     ref_logprobs = response_logprobs(reference, rollout.select(rows), self.temperature)[0]
                     rollout.ref_logprobs[rows, :ref_logprobs.shape[1]] = ref_logprobs
+            if self.sampler is not None:
+                self.recompute_logprobs(rollout)
         return rollout, texts
+
+    def recompute_logprobs(self, rollout: Rollout) -> None:
+        """The rollout's log-probabilities again, from the model being trained rather than the bfloat16 copy that
+        sampled (whose norms and softmax ran in bfloat16, where autocast runs them in float32): the first epoch's
+        ratios are then 1, as PPO assumes. One forward pass of the policy, without gradients."""
+        with autocast(self.device, self.bf16):
+            for rows in self.micro_batch_rows(len(rollout.lengths)):
+                logprobs = response_logprobs(self.policy.model, rollout.select(rows), self.temperature)[0]
+                rollout.logprobs[rows] = 0.0
+                rollout.logprobs[rows, :logprobs.shape[1]] = logprobs
 
     def rewards(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 3: the per-token KL estimate, and rewards: -beta * KL on every token plus the score on the last.
