@@ -6,9 +6,9 @@ What it does, per node:
   count, so GPU requests schedule), the Ready condition, and keeps both its status and its Lease in
   ``kube-node-lease`` renewed;
 - for each pod bound to it: runs each container's ``command`` + ``args`` as a local process in this Python
-  environment. **The image is never pulled**: ``command`` must name a program that exists here (``python``,
-  ``rlhf-train``, ...); a container without ``command`` fails with reason ``NoCommand``. Init containers run first,
-  in order.
+  environment, with this checkout's packages (``PYTHONPATH`` is passed on). **The image is never pulled**:
+  ``command`` must name a program that exists here (``python``, ``rlhf-train``, ...); a container without
+  ``command`` fails with reason ``NoCommand``. Init containers run first, in order.
 - env: ``value`` (with ``$(VAR)`` expansion), ``valueFrom`` secretKeyRef / configMapKeyRef / fieldRef (including
   ``metadata.annotations['batch.kubernetes.io/job-completion-index']``) / resourceFieldRef, and ``envFrom``;
 - volumes: configMap, secret, emptyDir, downwardAPI and projected (service-account token, configMap, secret,
@@ -73,8 +73,11 @@ MAX_TERMINATION_MESSAGE = 4096
 SMP = "application/strategic-merge-patch+json"
 #: Environment the agent passes on to every container (a real kubelet passes nothing; a local process needs PATH
 #: and the machine's numeric-library settings).
-PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-                   "MKL_NUM_THREADS", "VIRTUAL_ENV")
+#: PYTHONPATH: scripts/in-venv puts the calling checkout's packages first on it. The virtualenv is shared by every
+#: checkout on the machine and its editable install points at whichever one last ran scripts/in-venv, so without it
+#: the pods would import another checkout's code.
+PASSTHROUGH_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                   "OMP_NUM_THREADS", "MKL_NUM_THREADS", "VIRTUAL_ENV")
 PASSTHROUGH_PREFIXES = ("RLHF_", "HF_", "TRANSFORMERS_", "TORCH_")
 
 
