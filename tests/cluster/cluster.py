@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_api.cache import cache_root
+
 from . import binaries
 from .control_plane import ControlPlane, write_kubeconfig
 from .processes import ManagedProcess, kill_pod_processes, wait_for
@@ -100,8 +102,10 @@ def start_local(workdir: Path) -> Cluster:
                 f"--workdir={workdir / 'agent'}", f"--logs-dir={workdir / 'logs' / 'pods'}",
                 f"--gpus={NODE_GPUS}", f"--kubelet-version={binaries.versions()['KUBERNETES_VERSION']}"]
         argv += [f"--node={name}" for name in NODE_NAMES]
-        cluster.agent = ManagedProcess("node-agent", argv, workdir / "logs" / "node-agent.log",
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=workdir)
+        # The pods' HOME is their own folder: RLHF_CACHE_DIR points them at this machine's cache instead, where a
+        # builtin:// model is converted once (the trainer image sets it to its own cache folder the same way).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_CACHE_DIR": str(cache_root())}
+        cluster.agent = ManagedProcess("node-agent", argv, workdir / "logs" / "node-agent.log", env=env, cwd=workdir)
         cluster.agent.start()
         wait_for(lambda: _nodes_ready(cluster), 120, "the nodes to be Ready and untainted", interval_s=0.5,
                  check=cluster.check_alive)
