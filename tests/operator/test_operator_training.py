@@ -1,13 +1,14 @@
-"""Tiny-model pipelines trained for real by the chart-deployed operator on the real control plane, with MinIO
-as the store: the whole pipeline across an operator restart (with a 2-node PPO stage whose pods rendezvous
-over the headless Service), and a stage's lifecycle (pod deleted, suspend/resume, a configuration error fixed
-by the user, deletion)."""
+"""Pipelines trained for real by the chart-deployed operator on the real control plane, with MinIO as the store:
+the whole pipeline on a tiny model across an operator restart (with a 2-node PPO stage whose pods rendezvous
+over the headless Service), a ZeRO-3 PPO stage on two pods with the real SmolLM2-135M, and a stage's lifecycle
+on a tiny model (pod deleted, suspend/resume, a configuration error fixed by the user, deletion)."""
 
 from __future__ import annotations
 
 import json
 import re
 import threading
+from pathlib import Path
 
 import boto3
 import pytest
@@ -33,6 +34,7 @@ from operator_harness import (
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "movie-reviews"
 STAGES = ["sft", "preferences", "reward", "ppo", "evaluate"]
 
 
@@ -126,6 +128,110 @@ def test_example_pipeline_succeeds_across_an_operator_restart_with_a_two_node_pp
     assert reasons.count("StageStarting") == 5 and reasons.count("StageSucceeded") == 5, reasons
     assert reasons.count("Succeeded") == 1
     assert 'rlhf_operator_pipelines{phase="Succeeded"}' in operator_metrics(k8s_api)
+
+
+SMOLLM2 = "builtin://smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as safetensors in this machine's cache (converted from its PyPI wheel once), where
+    the pods find it too (the node agent gives them the machine's cache folder)."""
+    from rlhf_trainer.builtin_models import builtin_model_dir
+
+    return builtin_model_dir(SMOLLM2)
+
+
+def safetensors_shapes(data_header: bytes) -> dict[str, list[int]]:
+    """Each tensor's shape, from a safetensors file's first bytes (its 8-byte length and JSON header)."""
+    size = int.from_bytes(data_header[:8], "little")
+    header = json.loads(data_header[8:8 + size])
+    return {name: entry["shape"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def stored_safetensors_shapes(s3, uri: str) -> dict[str, list[int]]:
+    """The tensor shapes of a safetensors file in the store, read from its header alone (two ranged GETs)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    head = s3_client(s3).get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read()
+    size = int.from_bytes(head, "little")
+    rest = s3_client(s3).get_object(Bucket=bucket, Key=key, Range=f"bytes=8-{7 + size}")["Body"].read()
+    return safetensors_shapes(head + rest)
+
+
+def smollm2_zero3_spec(s3, pairs_uri: str) -> dict:
+    """SmolLM2-135M with PPO under ZeRO-3 on two pods, as cheap as the real model allows: pi_SFT is the base model
+    (SFT off), the reward model trains one step on the user's own pairs (preferences off) from the base's first
+    layer only, PPO makes one step of two rollouts, and nothing is evaluated."""
+    return {
+        "model": {"uri": SMOLLM2},
+        "storage": {"uri": f"{s3.uri}/runs", "endpoint": s3.endpoint, "region": s3.region,
+                    "addressingStyle": "path", "credentialsSecret": {"name": s3.secret_name}},
+        "sft": {"enabled": False},
+        "preferences": {"enabled": False},
+        "reward": {"dataset": {"uri": pairs_uri}, "numLayers": 1, "evalFraction": 0.0, "maxSteps": 1,
+                   "perDeviceTrainBatchSize": 4, "maxLength": 96, "learningRate": 1e-4},
+        "ppo": {"prompts": {"uri": "builtin://movie-reviews/prompts-train", "limit": 4}, "batchSize": 2,
+                "miniBatchSize": 2, "totalEpisodes": 2, "numPpoEpochs": 1, "learningRate": 1e-6,
+                "generation": {"maxNewTokens": 8, "temperature": 1.0},
+                "distributed": {"nodes": 2, "zeroStage": 3}},
+        "evaluate": {"enabled": False},
+    }
+
+
+def upload_pairs(s3, key: str) -> str:
+    """Four preference pairs (prompt, chosen, rejected) on the demo's prompts, as a user's own JSON Lines file."""
+    prompts = [json.loads(line)["prompt"] for line in
+               (EXAMPLE_DATA / "prompts-train.jsonl").read_text().splitlines()[:4]]
+    rows = [{"prompt": p, "chosen": "A warm, funny and moving film.", "rejected": "A dull, tedious mess."}
+            for p in prompts]
+    body = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    s3_client(s3).put_object(Bucket=s3.bucket, Key=key, Body=body)
+    return f"{s3.uri}/{key}"
+
+
+def test_a_two_pod_zero3_ppo_stage_on_smollm2_succeeds(k8s_cluster, k8s_api, operator, k8s_namespace, pod_s3,
+                                                        smollm2_dir):
+    spec = smollm2_zero3_spec(pod_s3, upload_pairs(pod_s3, "data/pairs.jsonl"))
+    kubectl_apply(k8s_cluster, pipeline_doc("zero3", spec), k8s_namespace)
+    body = wait_phase(k8s_api, k8s_namespace, "zero3", ("Succeeded", "Failed"), 780)
+    assert body["status"]["phase"] == "Succeeded", json.dumps(body["status"], indent=1)
+
+    # The PPO stage: an Indexed Job of two pods, both Succeeded, each on its first attempt.
+    jobs = pipeline_jobs(k8s_api, k8s_namespace, "zero3")
+    assert sorted(j.metadata.labels["rlhf-operator.io/stage"] for j in jobs) == ["ppo", "reward"]
+    [ppo_job] = [j for j in jobs if j.metadata.labels["rlhf-operator.io/stage"] == "ppo"]
+    assert ppo_job.spec.completion_mode == "Indexed" and ppo_job.spec.completions == 2
+    assert ppo_job.status.succeeded == 2 and not ppo_job.status.failed
+    ppo_pods = client.CoreV1Api(k8s_api).list_namespaced_pod(
+        k8s_namespace, label_selector=f"batch.kubernetes.io/job-name={ppo_job.metadata.name}").items
+    assert sorted(p.spec.hostname for p in ppo_pods) == [f"{ppo_job.metadata.name}-0", f"{ppo_job.metadata.name}-1"]
+    assert all(p.status.phase == "Succeeded" for p in ppo_pods)
+
+    # Its status shows its metrics; its output is the whole model, every tensor gathered from the two shards
+    # (an ungathered ZeRO-3 save writes each as an empty [0] tensor).
+    ppo = stage_status(body, "ppo")
+    assert ppo["phase"] == "Succeeded" and ppo["attempts"] == 1, ppo
+    assert ppo["metrics"]["steps"] == 1.0 and {"kl", "rm_score"} <= set(ppo["metrics"]), ppo["metrics"]
+    manifest = json.loads(read_object(pod_s3, ppo["artifactUri"] + "/manifest.json"))
+    assert "model.safetensors" in {f["path"] for f in manifest["files"]}
+    published = stored_safetensors_shapes(pod_s3, ppo["artifactUri"] + "/model.safetensors")
+    with (smollm2_dir / "model.safetensors").open("rb") as checkpoint:
+        base = safetensors_shapes(checkpoint.read(1 << 20))
+    assert sorted(published) == sorted(base)
+    embeddings = "model.embed_tokens.weight"  # one row more when the stage added a pad token
+    assert published[embeddings][1:] == base[embeddings][1:] and published[embeddings][0] >= base[embeddings][0]
+    assert {n: s for n, s in published.items() if n != embeddings} == {n: s for n, s in base.items()
+                                                                       if n != embeddings}
+
+    if k8s_cluster.local:  # rank 1 ran as the second of two processes under ZeRO-3, holding half of each model
+        logs = {p.spec.hostname: pod_log(k8s_cluster, k8s_namespace, p.metadata.name) for p in ppo_pods}
+        rank1 = logs[f"{ppo_job.metadata.name}-1"]
+        found = re.search(r"ppo: ZeRO-3, process 1 of 2 holds (.*)", rank1)
+        assert found, rank1[-3000:]
+        held = {role: (float(h), float(t)) for role, h, t in re.findall(r"(\w+) ([\d.]+)M of ([\d.]+)M", found[1])}
+        assert {"policy", "value"} <= set(held) and held["policy"][1] > 100, found[0]  # SmolLM2: 134.5M
+        assert all(abs(h / t - 0.5) < 0.01 for h, t in held.values()), found[0]
+        assert "published" in logs[f"{ppo_job.metadata.name}-0"] and "published" not in rank1
 
 
 def patch_spec(api, namespace: str, name: str, spec: dict) -> None:
