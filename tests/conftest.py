@@ -3,7 +3,7 @@
 import os  # noqa: E402
 
 import pytest  # noqa: E402
-from s3_server import s3_env, s3_server  # noqa: F401  (fixtures: a real S3-compatible server on loopback)
+from s3_server import moto_s3_server, s3_env, s3_server  # noqa: F401  (fixtures: a real S3-compatible server on loopback)
 
 # Unset bf16 fields mean bfloat16 on some CPUs (models.cpu_prefers_bf16): the tests run float32 on every CPU (their
 # tolerances are float32's), here and in the stage processes and pods they start, which inherit the variable.

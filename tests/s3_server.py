@@ -15,6 +15,7 @@ HTTP, signing, retry and multipart paths. ``RLHF_TEST_S3_SERVER`` picks it:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -131,15 +132,9 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """Start an S3-compatible server on loopback for the session; stop it afterwards."""
-    kind = os.environ.get("RLHF_TEST_S3_SERVER", "auto")
-    if kind == "auto":
-        kind = _default_server()
-    if kind not in LAUNCHERS:
-        raise pytest.UsageError(f"RLHF_TEST_S3_SERVER={kind!r}: known servers are auto, {', '.join(LAUNCHERS)}")
-    workdir = tmp_path_factory.mktemp(f"s3-{kind}")
+@contextlib.contextmanager
+def running_server(kind: str, workdir: Path) -> Iterator[S3Server]:
+    """A ``kind`` server (a key of ``LAUNCHERS``) on a free loopback port, stopped on exit."""
     (workdir / "data").mkdir()
     port = _free_port()
     server = S3Server(
@@ -158,6 +153,26 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         _stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """Start an S3-compatible server on loopback for the session; stop it afterwards."""
+    kind = os.environ.get("RLHF_TEST_S3_SERVER", "auto")
+    if kind == "auto":
+        kind = _default_server()
+    if kind not in LAUNCHERS:
+        raise pytest.UsageError(f"RLHF_TEST_S3_SERVER={kind!r}: known servers are auto, {', '.join(LAUNCHERS)}")
+    with running_server(kind, tmp_path_factory.mktemp(f"s3-{kind}")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's server whatever ``RLHF_TEST_S3_SERVER`` says: it stores any key AWS S3 stores (``a/../../b``,
+    ``//b``), which MinIO refuses, so the tests of hostile keys run against it."""
+    with running_server("moto", tmp_path_factory.mktemp("s3-moto")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -27,6 +27,8 @@ from rlhf_api.artifacts import (
     StorageOptions,
     Store,
     StoreError,
+    UnsafePathError,
+    download_tree,
     fetch,
     is_complete,
     join_uri,
@@ -38,6 +40,7 @@ from rlhf_api.artifacts import (
     read_progress,
 )
 from rlhf_api.artifacts import store as store_module
+from rlhf_api.artifacts.checkpoints import CheckpointPointer, pointer_uri, read_pointer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -427,3 +430,69 @@ def test_large_file_multipart_roundtrip(s3_backend: Backend, tmp_path: Path, mon
 
     fetch(backend.uri, tmp_path / "fetched", store)
     assert sha((tmp_path / "fetched" / "big.bin").read_bytes()) == sha(big)
+
+
+# ------------------------------------------------------------------------------------------ path traversal
+def put_raw(backend: Backend, key_under_uri: str, data: bytes) -> str:
+    """Store ``data`` under ``<backend.uri>/<key_under_uri>`` verbatim (no normalisation by the store under test);
+    returns the raw key (S3) or path (file) it wrote."""
+    if backend.server is None:
+        path = Path(backend.uri.removeprefix("file://") + "/" + key_under_uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return str(path)
+    bucket, key = backend.uri.removeprefix("s3://").split("/", 1)
+    backend.server.client().put_object(Bucket=bucket, Key=f"{key}/{key_under_uri}", Body=data)
+    return f"{key}/{key_under_uri}"
+
+
+def test_download_tree_keeps_each_key_under_the_local_folder(backend: Backend, tmp_path: Path) -> None:
+    for rel, data in TREE.items():
+        put_raw(backend, rel, data)
+    paths = download_tree(backend.uri, tmp_path / "in", backend.store)
+    assert read_tree(tmp_path / "in") == TREE and len(paths) == len(TREE)
+
+
+@pytest.fixture
+def hostile_keys_backend(moto_s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Backend:
+    """A bucket on moto's server, which stores keys such as ``a/../../b`` as AWS S3 does (MinIO refuses them)."""
+    for name, value in (("AWS_ACCESS_KEY_ID", moto_s3_server.access_key),
+                        ("AWS_SECRET_ACCESS_KEY", moto_s3_server.secret_key),
+                        ("AWS_CONFIG_FILE", os.devnull), ("AWS_SHARED_CREDENTIALS_FILE", os.devnull)):
+        monkeypatch.setenv(name, value)
+    uri = join_uri(moto_s3_server.make_bucket(f"rlhf-test-{uuid.uuid4().hex[:16]}"), "ns/pipe/ab12/model")
+    return Backend("s3", open_store(uri, s3_options(moto_s3_server)), uri, moto_s3_server)
+
+
+@pytest.mark.parametrize("evil", ["../../escape.txt", "a/../../../escape.txt", "sub/../../escape.txt"])
+def test_download_tree_refuses_a_key_that_escapes_the_local_folder(hostile_keys_backend: Backend, tmp_path: Path,
+                                                                    evil: str) -> None:
+    """An input without a manifest is every object under its prefix; a key whose rest is ``../../x`` would be
+    written outside the workspace. Nothing is downloaded and the error names the key."""
+    backend = hostile_keys_backend
+    put_raw(backend, "ok.txt", b"fine")
+    key = put_raw(backend, evil, b"owned")
+    assert any(info.uri.endswith(evil) for info in backend.store.list(backend.uri))  # stored as written
+    local = tmp_path / "work" / "inputs" / "model"
+    with pytest.raises(UnsafePathError, match="refusing to download") as refused:
+        download_tree(backend.uri, local, backend.store)
+    assert key in str(refused.value)
+    assert not list(tmp_path.rglob("escape.txt")) and not (local / "ok.txt").exists()
+
+
+@pytest.mark.parametrize("evil", ["../../../../escape", "/tmp/escape", "checkpoint-1/../../x", "checkpoint-1/x",
+                                  "..", ""])
+def test_checkpoint_pointer_naming_a_path_is_refused(backend: Backend, evil: str) -> None:
+    """latest.json's ``checkpoint`` is joined onto the local checkpoints folder and the store URI: only a folder
+    name ``checkpoint-<step>`` is accepted; anything else is refused with the value named."""
+    pointer = {"checkpoint": evil, "global_step": 3, "config_digest": DIGEST, "processes": 1}
+    backend.store.write_bytes(pointer_uri(backend.uri), json.dumps(pointer).encode())
+    with pytest.raises(UnsafePathError, match="refusing its checkpoint") as refused:
+        read_pointer(backend.uri, backend.store, DIGEST)
+    assert repr(evil) in str(refused.value) and isinstance(refused.value, ValueError)
+
+
+def test_checkpoint_pointer_naming_a_checkpoint_is_read(backend: Backend) -> None:
+    pointer = {"checkpoint": "checkpoint-40", "global_step": 40, "config_digest": DIGEST, "processes": 2}
+    backend.store.write_bytes(pointer_uri(backend.uri), json.dumps(pointer).encode())
+    assert read_pointer(backend.uri, backend.store, DIGEST) == CheckpointPointer("checkpoint-40", 40, DIGEST, 2)

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from rlhf_api import entrypoint
-from rlhf_api.artifacts import ChecksumError, StoreError, publish
+from rlhf_api.artifacts import ChecksumError, StoreError, UnsafePathError, publish
 from rlhf_api.entrypoint import EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR, EXIT_PREEMPTED
 from rlhf_api.spec import Stage
 from rlhf_api.stage_config import StageConfig
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-train {stage.value}: configuration error: {err}", file=sys.stderr)
         write_termination_message(entrypoint.termination_message(stage, error=str(err)))
         return EXIT_CONFIG_ERROR
-    except ChecksumError as err:
+    except (ChecksumError, UnsafePathError) as err:  # a retry reads the same bytes
         print(f"rlhf-train {stage.value}: corrupted input: {err}", file=sys.stderr)
         write_termination_message(entrypoint.termination_message(stage, error=str(err)))
         return EXIT_INTEGRITY_ERROR

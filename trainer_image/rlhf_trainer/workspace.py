@@ -16,6 +16,7 @@ from pathlib import Path
 from rlhf_api.artifacts import (
     NotFoundError,
     Store,
+    download_tree,
     fetch,
     open_store,
     read_manifest,
@@ -90,12 +91,8 @@ class Workspace:
                     f"input '{role}' ({ref.uri}) has no manifest: {producer} that produces it has not finished ({err})"
                 ) from err
             return target
-        objects = store.list(ref.uri.rstrip("/") + "/")
-        if not objects:
+        if not download_tree(ref.uri, target, store):  # every key checked: none lands outside target
             raise ConfigError(f"input '{role}': nothing found at {ref.uri}; check the URI in the spec")
-        prefix = ref.uri.rstrip("/") + "/"
-        for obj in objects:
-            store.download_file(obj.uri, target / obj.uri[len(prefix):])
         return target
 
     def fetch_file(self, uri: str) -> Path:

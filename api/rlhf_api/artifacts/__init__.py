@@ -30,8 +30,11 @@ from rlhf_api.artifacts.store import (
     StorageOptions,
     Store,
     StoreError,
+    UnsafePathError,
+    download_tree,
     join_uri,
     open_store,
+    safe_relative_path,
     sha256_file,
 )
 
@@ -53,6 +56,8 @@ __all__ = [
     "StorageOptions",
     "Store",
     "StoreError",
+    "UnsafePathError",
+    "download_tree",
     "fetch",
     "is_complete",
     "join_uri",
@@ -61,5 +66,6 @@ __all__ = [
     "open_store",
     "publish",
     "read_manifest",
+    "safe_relative_path",
     "sha256_file",
 ]

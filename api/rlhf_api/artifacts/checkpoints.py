@@ -13,12 +13,16 @@ publishes none.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
-from rlhf_api.artifacts.store import NotFoundError, Store, join_uri
+from rlhf_api.artifacts.store import NotFoundError, Store, UnsafePathError, join_uri
 
 CHECKPOINTS = "checkpoints"
 POINTER_NAME = "latest.json"
+#: What a pointer's ``checkpoint`` may name: one folder directly under ``checkpoints/``, as :func:`checkpoint_name`
+#: makes it (never a path: the trainer joins it onto its local folder and onto the store URI).
+CHECKPOINT_NAME_PATTERN = re.compile(r"checkpoint-[0-9]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,13 @@ def read_pointer(output_uri: str, store: Store, config_digest: str | None = None
 
     Raises:
         StoreError: the store could not be read.
+        UnsafePathError: its ``checkpoint`` is not a checkpoint folder's name (``..``, a path, an absolute path):
+            also a ``ValueError``.
         ValueError: the pointer is not valid JSON of this shape.
     """
+    uri = pointer_uri(output_uri)
     try:
-        doc = json.loads(store.read_bytes(pointer_uri(output_uri)))
+        doc = json.loads(store.read_bytes(uri))
     except NotFoundError:
         return None
     try:
@@ -62,6 +69,12 @@ def read_pointer(output_uri: str, store: Store, config_digest: str | None = None
                                     config_digest=str(doc["config_digest"]), processes=int(doc.get("processes", 1)))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"malformed {POINTER_NAME}: {exc}") from exc
+    if not CHECKPOINT_NAME_PATTERN.fullmatch(pointer.checkpoint):
+        raise UnsafePathError(
+            f"{uri}: refusing its checkpoint {pointer.checkpoint!r}: a pointer names one folder under "
+            f"{CHECKPOINTS}/ (checkpoint-<step>), never a path; the pointer is corrupt or was written to escape "
+            "the stage's folder: delete it (the stage then starts over)"
+        )
     if config_digest is not None and pointer.config_digest != config_digest:
         return None
     return pointer

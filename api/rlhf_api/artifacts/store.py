@@ -60,6 +60,24 @@ class ChecksumError(StoreError):
     """A file's content does not match the sha256 (or size) its manifest lists."""
 
 
+class UnsafePathError(StoreError, ValueError):
+    """A stored key or pointer would place a file outside the local folder it is downloaded into (``..``, an
+    absolute path, a backslash). The store's content is hostile or corrupt: never retried."""
+
+
+def safe_relative_path(rel: str, source: str) -> str:
+    """``rel`` when it is a relative ``/``-separated path that stays inside the folder it is joined onto: no
+    empty, ``.`` or ``..`` part, not absolute, no backslash or NUL. ``UnsafePathError`` naming ``source`` (the
+    key or pointer it came from) and ``rel`` otherwise."""
+    if not rel or "\\" in rel or "\0" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise UnsafePathError(
+            f"{source}: refusing to download it as {rel!r}: a stored key (or pointer) must be a relative path "
+            "inside its folder, without '..', '.', empty parts, a leading '/' or a backslash; the store's content "
+            "is corrupt or was written to escape the local folder: delete it"
+        )
+    return rel
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     """How to reach an S3-compatible endpoint. Ignored by ``file://`` stores.
@@ -538,6 +556,23 @@ class S3Store(Store):
                         f"{len(response['Errors'])} object(s) under {prefix_uri} were not deleted"
                     )
         return len(keys)
+
+
+def download_tree(prefix_uri: str, local_dir: Path, store: Store) -> list[Path]:
+    """Download every object under the directory ``prefix_uri`` into ``local_dir``, keeping the rest of each key
+    as the relative path (the read of an input that has no manifest). Every key is checked first, so a key such as
+    ``prefix/../../x`` or ``prefix//etc/x`` downloads nothing (``UnsafePathError`` naming it). Returns the paths."""
+    prefix = prefix_uri.rstrip("/") + "/"
+    local_dir = Path(local_dir)
+    targets = []
+    for info in store.list(prefix):
+        if not info.uri.startswith(prefix):
+            raise UnsafePathError(f"{info.uri}: listed under {prefix} but does not start with it")
+        rel = safe_relative_path(info.uri[len(prefix):], info.uri)
+        targets.append((info.uri, local_dir.joinpath(*rel.split("/"))))
+    for uri, path in targets:
+        store.download_file(uri, path)
+    return [path for _, path in targets]
 
 
 def open_store(uri: str, options: StorageOptions | None = None, credentials: tuple[str, str] | None = None) -> Store:
