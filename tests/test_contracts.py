@@ -16,6 +16,7 @@ from rlhf_api.artifacts import open_store
 from rlhf_api.spec import Stage
 from rlhf_api.stage_config import build_stage_config
 from rlhf_operator import runner
+from rlhf_operator.controller.access import StoragePolicy
 from rlhf_operator.controller.manifests import CONTAINER, build_stage
 from rlhf_operator.controller.observe import termination_error
 from rlhf_operator.controller.reconcile import Reconciler
@@ -105,7 +106,8 @@ def test_the_checkpoint_the_trainer_points_to_is_the_progress_the_operator_shows
         checkpoints.publish(tmp_path / f"ckpt-{step}", step)
         checkpoints.point_to(step)
 
-    progress = Reconciler(kube=None)._progress(doc, objects)  # a file:// store needs no Secret
+    reconciler = Reconciler(kube=None, policy=StoragePolicy(allow_file_roots=True))  # file://: no Secret
+    progress = reconciler._progress(doc, objects)
     assert progress == ({"step": 4} if digest_matches else {})
     store = open_store(config.output_uri)
     assert [o.uri.rsplit("/checkpoints/", 1)[1] for o in store.list(config.output_uri + "/checkpoints/")

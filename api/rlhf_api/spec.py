@@ -222,6 +222,10 @@ class SecretKeyRef(SpecModel):
 
 
 class StorageSpec(SpecModel):
+    # CEL only: the local runner stores under file:// roots; on a cluster one is the operator's own filesystem.
+    cel_rules = (Rule("!has(self.uri) || !self.uri.startsWith('file://')",
+                      "file:// storage roots are refused on a cluster (they would be the operator's own filesystem): "
+                      "store the artifacts under s3://BUCKET/PREFIX", ".uri"),)
     uri: URI | None = Field(
         None,
         description="uri, optional: root for every stage's artifacts, s3://BUCKET/PREFIX or file:///PATH. "
@@ -230,7 +234,8 @@ class StorageSpec(SpecModel):
     endpoint: str | None = Field(
         None,
         pattern=r"^https?://.+$",
-        description="endpoint, optional: URL of an S3-compatible server (MinIO, Ceph...). Unset means AWS S3.",
+        description="endpoint, optional: URL of an S3-compatible server (MinIO, Ceph...). Unset means AWS S3. On a "
+        "cluster it must be one the operator's chart allows (storage.allowedEndpoints).",
     )
     region: str | None = Field(None, description="region, optional: S3 region.")
     addressing_style: Literal["auto", "path", "virtual"] = Field(
@@ -239,8 +244,10 @@ class StorageSpec(SpecModel):
     credentials_secret: SecretKeyRef | None = Field(
         None,
         description="credentialsSecret, optional: Secret with the S3 credentials, passed to trainer pods as the "
-        "standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables. Unset means the pod's own identity "
-        "(IRSA, workload identity) or the environment. Credentials never go in the spec.",
+        "standard AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables. On a cluster the Secret must carry the "
+        "label rlhf-operator.io/store-credentials=true (the operator reads no other Secret), and it is required "
+        "unless the pipeline is a dry run: the operator has no store credentials of its own. Locally, unset means "
+        "the environment. Credentials never go in the spec.",
     )
     keep_artifacts_on_delete: bool = Field(
         True,

@@ -179,12 +179,21 @@ class PodS3:
     region: str
 
 
+def pod_s3_endpoint(k8s_cluster: Cluster, request: pytest.FixtureRequest) -> str | None:
+    """The S3 endpoint the pods of this session use (what :func:`pod_s3` gives them), None when there is none."""
+    if k8s_cluster.local:
+        return request.getfixturevalue("s3_server").endpoint
+    return os.environ.get("RLHF_TEST_S3_ENDPOINT")
+
+
 @pytest.fixture
 def pod_s3(k8s_cluster: Cluster, k8s_api, k8s_namespace: str, request: pytest.FixtureRequest) -> PodS3:
     """S3 for the pods of this test. On the local cluster pods are local processes, so the session's S3 server
     (``s3_server``, MinIO or moto on loopback) serves them; on an existing cluster the server the pods can reach
     is given by RLHF_TEST_S3_ENDPOINT, RLHF_TEST_S3_ACCESS_KEY and RLHF_TEST_S3_SECRET_KEY (kind-e2e.sh sets them)."""
     from kubernetes import client
+
+    from rlhf_api.tenancy import STORE_CREDENTIALS_LABEL, STORE_CREDENTIALS_LABEL_VALUE
 
     if k8s_cluster.local:
         server = request.getfixturevalue("s3_server")
@@ -209,7 +218,8 @@ def pod_s3(k8s_cluster: Cluster, k8s_api, k8s_namespace: str, request: pytest.Fi
                  config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket=bucket)
     secret_name = "s3-credentials"
     client.CoreV1Api(k8s_api).create_namespaced_secret(k8s_namespace, {
-        "metadata": {"name": secret_name},
+        # opted in as store credentials: the operator reads no Secret without this label (rlhf_api.tenancy)
+        "metadata": {"name": secret_name, "labels": {STORE_CREDENTIALS_LABEL: STORE_CREDENTIALS_LABEL_VALUE}},
         "stringData": {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key},
     })
     return PodS3(endpoint, bucket, f"s3://{bucket}", secret_name, access_key, secret_key, region)

@@ -9,11 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 from cluster.fixtures import *  # noqa: F401,F403  (k8s_cluster, k8s_api, k8s_namespace, pod_s3, ...)
-from cluster.fixtures import CURRENT
+from cluster.fixtures import CURRENT, pod_s3_endpoint
 from operator_harness import (
     BUILD_HELM,
     CRD_FILE,
     OPERATOR_NAMESPACE,
+    RecordingListener,
     install_chart,
     wait_for_crd,
     wait_operator_running,
@@ -29,11 +30,23 @@ def crd(k8s_cluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def operator(k8s_cluster, k8s_api, crd) -> Iterator[list[dict]]:
+def allowed_listener() -> Iterator[RecordingListener]:
+    """A recording listener on loopback that the session's operator is allowed to talk to (in the chart's
+    storage.allowedEndpoints), to prove what reaches even an allowed endpoint."""
+    listener = RecordingListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="session")
+def operator(k8s_cluster, k8s_api, crd, allowed_listener, request) -> Iterator[list[dict]]:
     """The chart rendered by ``helm template`` and applied: its CRD, ServiceAccount, least-privilege RBAC and
     Deployment, whose pod runs ``rlhf operator`` (cluster-wide) with the chart's ServiceAccount token. One
-    operator for the whole session; yields the rendered objects."""
-    docs = install_chart(k8s_cluster, k8s_api, "resyncSeconds=10", "logFormat=text")
+    operator for the whole session; yields the rendered objects. Its allowed S3 endpoints are the pods' S3 server
+    and ``allowed_listener``."""
+    endpoints = [e for e in (pod_s3_endpoint(k8s_cluster, request), allowed_listener.endpoint) if e]
+    docs = install_chart(k8s_cluster, k8s_api, "resyncSeconds=10", "logFormat=text",
+                         f"storage.allowedEndpoints={{{','.join(endpoints)}}}")
     wait_operator_running(k8s_api)
     yield docs
 

@@ -227,3 +227,55 @@ def example_spec(model_dir: Path, s3) -> dict[str, Any]:
     spec["storage"].update(uri=f"{s3.uri}/runs", endpoint=s3.endpoint, region=s3.region,
                            credentialsSecret={"name": s3.secret_name})
     return spec
+
+
+# ---------------------------------------------------------------------------------------------- tenancy
+class RecordingListener:
+    """A plain HTTP listener on 127.0.0.1 that answers every request 403 (S3's AccessDenied) and records it: the
+    attacker's (or a merely allowed) endpoint, to prove what the operator sends there."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[dict[str, Any]] = []
+        listener = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                listener.requests.append({"method": self.command, "path": self.path,
+                                          "headers": dict(self.headers.items()), "body": body})
+                answer = b"<Error><Code>AccessDenied</Code><Message>denied</Message></Error>"
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(answer)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _record
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def leaked(self, *secrets: str) -> list[str]:
+        """What of a credential reached this listener: Authorization headers, and any of ``secrets`` anywhere in
+        a request (path, headers, body)."""
+        found = []
+        for request in self.requests:
+            text = request["path"] + json.dumps(request["headers"]) + request["body"].decode(errors="replace")
+            found += [f"{request['method']} {request['path']}: Authorization header"
+                      for name in request["headers"] if name.lower() == "authorization"]
+            found += [f"{request['method']} {request['path']}: {secret[:4]}..." for secret in secrets if secret in text]
+        return found
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -41,7 +41,8 @@ def test_cluster_wide_install_renders_a_cluster_role():
 
 
 def test_namespaced_install_renders_roles_per_namespace_and_leader_election():
-    docs = render_chart("watchNamespaces={team-a,team-b}", "replicaCount=2", "trainerImage=registry/trainer:1")
+    docs = render_chart("watchNamespaces={team-a,team-b}", "replicaCount=2", "trainerImage=registry/trainer:1",
+                        "storage.allowedEndpoints={http://minio.storage:9000,https://ceph.example.com}")
     roles = sorted((d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")) for d in docs
                    if d["kind"] in ("Role", "RoleBinding"))
     assert roles == [("Role", "rlhf-operator", "team-a"), ("Role", "rlhf-operator", "team-b"),
@@ -50,12 +51,17 @@ def test_namespaced_install_renders_roles_per_namespace_and_leader_election():
                      ("RoleBinding", "rlhf-operator-leader-election", "rlhf-system")]
     assert not [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "rlhf-operator"]
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert {"--namespace=team-a", "--namespace=team-b", "--leader-elect",
-            "--trainer-image=registry/trainer:1"} <= set(args)
+    assert {"--namespace=team-a", "--namespace=team-b", "--leader-elect", "--trainer-image=registry/trainer:1",
+            "--allowed-endpoint=http://minio.storage:9000", "--allowed-endpoint=https://ceph.example.com"} <= set(args)
+    default_args = next(d for d in render_chart() if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert not [a for a in default_args if a.startswith("--allowed-endpoint")]  # by default: AWS S3 only
 
 
 @pytest.mark.parametrize("value", ["replicaCount=-1", "logFormat=xml", "watchNamespaces={Not_A_Namespace}",
-                                   "securityContext.allowPrivilegeEscalation=true", "unknownKey=1"])
+                                   "securityContext.allowPrivilegeEscalation=true", "unknownKey=1",
+                                   "storage.allowedEndpoints={minio:9000}",
+                                   "storage.allowedEndpoints={http://user:pw@minio:9000}"])
 def test_values_schema_rejects_bad_values(value):
     result = subprocess.run([helm(), "template", "rlhf-operator", str(CHART), "--set", value],
                             capture_output=True, text=True, timeout=120)

@@ -21,6 +21,7 @@ from rlhf_api.spec import GROUP, KIND, PLURAL, VERSION
 
 log = logging.getLogger("rlhf_operator.controller")
 MERGE_PATCH = "application/merge-patch+json"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 COMPONENT = "rlhf-operator"
 
 
@@ -91,6 +92,21 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def read_secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's labels, None when it does not exist. Only its metadata travels (PartialObjectMetadata): the
+        operator decides from the labels whether it may read the data at all."""
+        try:
+            response = self.api.call_api(
+                "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": PARTIAL_METADATA}, auth_settings=["BearerToken"],
+                response_types_map={}, _return_http_data_only=True, _preload_content=False)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return _json(response)["metadata"].get("labels") or {}
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         secret = _json(self.core.read_namespaced_secret(name, namespace, _preload_content=False))

@@ -23,6 +23,8 @@ import socket
 import sys
 import threading
 
+from rlhf_api.tenancy import ALLOWED_ENDPOINTS_ENV, parse_allowed_endpoints
+
 LOG_FORMATS = ("json", "text")
 
 
@@ -44,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="set the Stalled condition when a running stage publishes no new step for this long")
     parser.add_argument("--trainer-image", default=env("RLHF_TRAINER_IMAGE"),
                         help="trainer image for pipelines that name none (instead of the built-in default)")
+    parser.add_argument("--allowed-endpoint", action="append", dest="allowed_endpoints",
+                        default=[env(ALLOWED_ENDPOINTS_ENV, "")],
+                        help="an S3 endpoint pipelines may name in storage.endpoint (repeatable; also "
+                        f"{ALLOWED_ENDPOINTS_ENV}, comma-separated); a pipeline without one means AWS S3")
     parser.add_argument("--workers", type=int, default=8, help="reconciles in parallel (thread pool)")
     parser.add_argument("--leader-elect", action="store_true", help="run only while holding the Lease")
     parser.add_argument("--lease-name", default="rlhf-operator-leader")
@@ -53,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=env("RLHF_OPERATOR_LOG_FORMAT", "json"))
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
     args = parser.parse_args(argv)
+    args.allowed_endpoints = parse_allowed_endpoints(args.allowed_endpoints)
     if args.leader_elect and not args.lease_namespace:
         parser.error("--leader-elect needs --lease-namespace (or POD_NAMESPACE)")
     return args
@@ -105,6 +112,7 @@ async def serve_http(bind: str, port: int, metrics, ready: asyncio.Event, leadin
 async def run(args: argparse.Namespace) -> int:
     import kopf
 
+    from rlhf_operator.controller.access import StoragePolicy
     from rlhf_operator.controller.handlers import register
     from rlhf_operator.controller.kube import Kube
     from rlhf_operator.controller.metrics import Metrics
@@ -113,7 +121,9 @@ async def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("rlhf_operator.controller")
     api = api_client(args.kubeconfig)
     metrics = Metrics()
-    reconciler = Reconciler(Kube(api), metrics, stall_after_s=args.stall_seconds, default_image=args.trainer_image)
+    reconciler = Reconciler(Kube(api), metrics, stall_after_s=args.stall_seconds, default_image=args.trainer_image,
+                            policy=StoragePolicy(allowed_endpoints=args.allowed_endpoints))
+    log.info("stores allowed: AWS S3%s", "".join(f", {e}" for e in args.allowed_endpoints))
     registry = register(kopf.OperatorRegistry(), resync_interval_s=args.resync_seconds)
     stop, ready = asyncio.Event(), asyncio.Event()
     stopping = threading.Event()

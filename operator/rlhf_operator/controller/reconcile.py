@@ -38,6 +38,7 @@ from rlhf_api.spec import STAGE_ORDER, RLHFPipeline, Stage
 from rlhf_api.stage_config import pipeline_prefix, pipeline_ref, storage_options
 from rlhf_api.status import Condition, ConditionType, PipelineStatus
 from rlhf_operator.controller import names
+from rlhf_operator.controller.access import StoragePolicy, StoreRefused
 from rlhf_operator.controller.conditions import EventSpec, StageFacts, build_status, transitions
 from rlhf_operator.controller.kube import Kube
 from rlhf_operator.controller.manifests import StageObjects, build_stage
@@ -70,8 +71,9 @@ class Reconciler:
     """Reconciles pipelines; safe to call from several threads (one pipeline at a time)."""
 
     def __init__(self, kube: Kube, metrics: Metrics | None = None, *, stall_after_s: float | None = 1800.0,
-                 default_image: str | None = None) -> None:
+                 default_image: str | None = None, policy: StoragePolicy | None = None) -> None:
         self.kube = kube
+        self.policy = policy or StoragePolicy()
         self.default_image = default_image
         self.metrics = metrics or Metrics()
         self.stall_after_s = stall_after_s
@@ -130,6 +132,10 @@ class Reconciler:
             return 0
         try:
             return self._store(doc).delete_prefix(pipeline_prefix(root, pipeline_ref(doc)) + "/")
+        except StoreRefused as refused:  # the operator may not touch that store: nothing it could delete
+            log.warning("not deleting the artifacts of %s/%s: %s", meta["namespace"], meta["name"], refused)
+            self.kube.event(body, "Warning", Reason.STORAGE_REFUSED, f"artifacts not deleted: {refused}")
+            return 0
         except StoreError as exc:
             raise RetryLater(str(exc)) from exc
 
@@ -141,16 +147,20 @@ class Reconciler:
         try:
             doc = parse_pipeline(body, f"{namespace}/{name}")
         except SpecError as err:
-            return self._invalid(body, previous, err)
+            return self._invalid(body, previous, "the spec is invalid: " + "; ".join(err.problems))
         annotations = meta.get("annotations") or {}
         dry_run = annotations.get(names.ANNOTATION_DRY_RUN) == "true"
         restarted_at = annotations.get(names.ANNOTATION_RESTARTED_AT)
+        try:
+            self._check_storage(doc, dry_run)
+        except StoreRefused as refused:
+            return self._invalid(body, previous, f"storage refused: {refused}", Reason.STORAGE_REFUSED)
         try:
             expected = {stage: build_stage(doc, stage, dry_run=dry_run, restarted_at=restarted_at,
                                            default_image=self.default_image)
                         for stage in stages_to_run(doc.spec)}
         except ValueError as err:  # e.g. no storage.uri on an API server without the CRD's rules
-            return self._invalid(body, previous, SpecError(f"{namespace}/{name}", [str(err)]))
+            return self._invalid(body, previous, f"the spec is invalid: {err}")
 
         jobs = {job["metadata"]["name"]: job for job in self._owned_jobs(doc)}
         self._delete_superseded(doc, jobs, expected)
@@ -261,11 +271,21 @@ class Reconciler:
             log.debug("no progress for %s: %s", objects.name, exc)
         return {}
 
+    def _check_storage(self, doc: RLHFPipeline, dry_run: bool) -> None:
+        """Refuse (``StoreRefused``) storage settings this operator may not act on: a file:// root, an endpoint
+        that is not allowed, a Secret without the opt-in label, no Secret where the store is needed."""
+        self.policy.check_spec(doc)
+        secret = doc.spec.storage.credentials_secret
+        labels = self.kube.read_secret_labels(doc.metadata.namespace, secret.name) if secret else None
+        self.policy.check_secret(doc, labels, needs_store=self.policy.needs_store(doc, dry_run))
+
     def _store(self, doc: RLHFPipeline) -> Store:
-        """The pipeline's store, with the credentials of ``spec.storage.credentialsSecret`` (cached)."""
+        """The pipeline's store, with the credentials of ``spec.storage.credentialsSecret`` (cached); never the
+        operator's own identity. Raises ``StoreRefused`` where :meth:`_check_storage` would."""
         storage = doc.spec.storage
+        self._check_storage(doc, dry_run=False)
         credentials = None
-        if storage.credentials_secret is not None and (storage.uri or "").startswith("s3://"):
+        if storage.credentials_secret is not None:
             ref = storage.credentials_secret
             data = self.kube.read_secret(doc.metadata.namespace, ref.name)
             try:
@@ -330,18 +350,19 @@ class Reconciler:
                     self.metrics.stage_finished(str(entry.name), str(entry.phase).lower(),
                                                 (end - start).total_seconds())
 
-    def _invalid(self, body: dict[str, Any], previous: PipelineStatus, err: SpecError) -> PipelinePhase:
-        """A spec the CRD let through but pydantic refuses (an API server without CEL, say): Failed, with the
-        field-level problems in the message."""
+    def _invalid(self, body: dict[str, Any], previous: PipelineStatus, message: str,
+                 reason: str = Reason.INVALID_SPEC) -> PipelinePhase:
+        """A spec the CRD let through but pydantic refuses (an API server without CEL, say), or storage settings
+        the operator refuses (``reason`` StorageRefused): Failed, with what to fix in the message. Nothing is
+        created for the pipeline."""
         meta = body["metadata"]
-        message = "the spec is invalid: " + "; ".join(err.problems)
         stamp = rfc3339(_now())
         old = {c.type: c for c in previous.conditions}
 
         def condition(kind: str, true: bool) -> Condition:
             status = "True" if true else "False"
             since = old[kind].last_transition_time if kind in old and old[kind].status == status else stamp
-            return Condition(type=kind, status=status, reason=Reason.INVALID_SPEC, message=message,
+            return Condition(type=kind, status=status, reason=reason, message=message,
                              last_transition_time=since, observed_generation=meta.get("generation"))
 
         status = PipelineStatus(
@@ -352,7 +373,7 @@ class Reconciler:
         if status.model_dump() != previous.model_dump():
             self.kube.patch_status(meta["namespace"], meta["name"], status.model_dump(mode="json", by_alias=True))
             if previous.message != message:
-                self.kube.event(body, "Warning", Reason.INVALID_SPEC, message)
+                self.kube.event(body, "Warning", reason, message)
         self.metrics.pipeline_phase(meta["namespace"], meta["name"], PipelinePhase.FAILED.value)
         return PipelinePhase.FAILED
 

@@ -1,0 +1,119 @@
+"""Issue 36: a pipeline author gains nothing beyond their own namespace. Attacks on the operator deployed by its
+chart, on the real control plane; each refusal is visible to the tenant (admission message, or the pipeline's
+status and an Event naming the field and the fix), and the attacker's endpoint (a listener on loopback inside the
+test) receives no credential."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from kubernetes import client
+from operator_harness import (
+    RecordingListener,
+    eventually,
+    kubectl_apply,
+    pipeline_doc,
+    pipeline_events,
+    pipeline_jobs,
+    wait_phase,
+)
+
+from rlhf_api.tenancy import STORE_CREDENTIALS_LABEL
+
+pytestmark = pytest.mark.timeout(300)
+
+SPEC = {
+    "model": {"uri": "s3://models/base"},
+    "storage": {"uri": "s3://artifacts/runs", "addressingStyle": "path", "region": "us-east-1"},
+    "sft": {"dataset": {"uri": "builtin://movie-reviews/sft"}},
+}
+LABEL = f"{STORE_CREDENTIALS_LABEL}=true"
+
+
+@pytest.fixture
+def attacker():
+    listener = RecordingListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def victim_secret(k8s_api, k8s_namespace):
+    """A Secret of the namespace holding credentials (keys, values); unlabelled unless the test labels it."""
+    keys = {"AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+            "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30)}
+    client.CoreV1Api(k8s_api).create_namespaced_secret(k8s_namespace, {"metadata": {"name": "team-creds"},
+                                                                       "stringData": keys})
+    return "team-creds", keys
+
+
+def label_secret(k8s_api, namespace: str, name: str) -> None:
+    client.CoreV1Api(k8s_api).patch_namespaced_secret(name, namespace,
+                                                      {"metadata": {"labels": {STORE_CREDENTIALS_LABEL: "true"}}})
+
+
+def refused(k8s_api, namespace: str, name: str, *words: str) -> str:
+    """The pipeline ends Failed with a StorageRefused condition and Event whose message has ``words``; no Job.
+    Returns the message."""
+    body = wait_phase(k8s_api, namespace, name, "Failed", 90)
+    degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "StorageRefused", degraded
+    message = body["status"]["message"]
+    for word in words:
+        assert word in message, (word, message)
+    eventually(lambda: [e for e in pipeline_events(k8s_api, namespace, name) if e.reason == "StorageRefused"],
+               30, "the StorageRefused event")
+    assert pipeline_jobs(k8s_api, namespace, name) == []
+    return message
+
+
+def test_an_unlabelled_secret_is_never_read_or_sent_even_to_an_allowed_endpoint(
+        k8s_cluster, k8s_api, operator, k8s_namespace, allowed_listener, victim_secret):
+    if not k8s_cluster.local:
+        pytest.skip("the listener is on this machine's loopback")
+    name, keys = victim_secret
+    spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": allowed_listener.endpoint,
+                                "credentialsSecret": {"name": name}}}
+    kubectl_apply(k8s_cluster, pipeline_doc("steal", spec), k8s_namespace)
+    message = refused(k8s_api, k8s_namespace, "steal", "spec.storage.credentialsSecret.name", name,
+                      f"kubectl label secret {name} {LABEL}")
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in message
+    assert allowed_listener.leaked(*keys.values()) == []
+
+
+def test_credentials_go_to_no_endpoint_outside_the_allow_list(k8s_cluster, k8s_api, operator, k8s_namespace,
+                                                              attacker, victim_secret):
+    if not k8s_cluster.local:
+        pytest.skip("the listener is on this machine's loopback")
+    name, keys = victim_secret
+    label_secret(k8s_api, k8s_namespace, name)  # opted in: still only for allowed endpoints
+    spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": attacker.endpoint, "credentialsSecret": {"name": name}}}
+    kubectl_apply(k8s_cluster, pipeline_doc("exfil", spec), k8s_namespace)
+    refused(k8s_api, k8s_namespace, "exfil", "spec.storage.endpoint", attacker.endpoint, "storage.allowedEndpoints")
+    assert attacker.requests == [] and attacker.leaked(*keys.values()) == []
+
+
+def test_without_a_secret_the_operator_uses_no_identity_of_its_own(k8s_cluster, k8s_api, operator, k8s_namespace,
+                                                                   allowed_listener):
+    if not k8s_cluster.local:
+        pytest.skip("the listener is on this machine's loopback")
+    before = len(allowed_listener.requests)
+    spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": allowed_listener.endpoint}}
+    kubectl_apply(k8s_cluster, pipeline_doc("ambient", spec), k8s_namespace)
+    refused(k8s_api, k8s_namespace, "ambient", "spec.storage.credentialsSecret", "required", LABEL)
+    assert allowed_listener.requests[before:] == []
+
+
+def test_a_missing_secret_is_refused_by_name(k8s_cluster, k8s_api, operator, k8s_namespace):
+    spec = {**SPEC, "storage": {**SPEC["storage"], "credentialsSecret": {"name": "nope"}}}
+    kubectl_apply(k8s_cluster, pipeline_doc("missing", spec), k8s_namespace)
+    refused(k8s_api, k8s_namespace, "missing", "spec.storage.credentialsSecret.name", "nope", "does not exist")
+
+
+def test_a_file_storage_root_is_refused_at_admission(k8s_cluster, crd, k8s_namespace):
+    spec = {**SPEC, "storage": {"uri": "file:///var/run/secrets"}}
+    result = kubectl_apply(k8s_cluster, pipeline_doc("local-files", spec), k8s_namespace, check=False)
+    assert result.returncode != 0
+    assert "spec.storage.uri" in result.stderr and "file:// storage roots are refused" in result.stderr, \
+        result.stderr
