@@ -43,6 +43,7 @@ class Reason:
     SUSPENDED = "Suspended"  # means that spec.suspend is set
     RESUMED = "Resumed"  # means that spec.suspend was cleared
     INVALID_SPEC = "InvalidSpec"  # means that the spec did not validate (only possible without the CRD's checks)
+    ADOPTION_REFUSED = "AdoptionRefused"  # means that an object of a stage's name exists and is not the pipeline's
     STORAGE_REFUSED = "StorageRefused"  # means that the storage settings are not allowed (rlhf_api.tenancy)
     NO_PROGRESS = "NoProgress"  # means that the stage published no new step for longer than allowed
     GUARDRAIL_FIRED = "GuardrailFired"  # means that a PPO guardrail flag is set in the stage's metrics

@@ -223,3 +223,22 @@ def test_a_running_stage_without_new_steps_is_stalled():
     moved = {Stage.SFT: StageFacts(Stage.SFT, job_name=sft.name, step=50)}
     again = build_status(running, moved, later, generation=1, now=t0 + dt.timedelta(minutes=12), stall_after_s=600)
     assert next(c for c in again.conditions if c.type == "Stalled").status == "False"
+
+
+def test_only_the_pipelines_own_objects_are_adopted():
+    """Adopt-on-409: an existing object of a stage's name is used only with an ownerReference to the pipeline's uid,
+    and a ConfigMap only with the very stage config it would have created (an ownerReference can be forged)."""
+    from rlhf_operator.controller.reconcile import AdoptionRefused, check_adoptable
+
+    doc = pipeline()
+    ppo = build_stage(doc, Stage.PPO)
+    for wanted in (ppo.config_map, ppo.service, ppo.job):
+        check_adoptable(doc, wanted, json.loads(json.dumps(wanted)))  # what it created itself
+        foreign = {**wanted, "metadata": {**wanted["metadata"], "ownerReferences": []}}
+        with pytest.raises(AdoptionRefused, match=f"{wanted['kind']} ml/{ppo.name} already exists and is not owned"):
+            check_adoptable(doc, wanted, foreign)
+    forged = {**ppo.config_map, "data": {names.CONFIG_KEY: "{}"}}
+    with pytest.raises(AdoptionRefused, match="holds another stage config"):
+        check_adoptable(doc, ppo.config_map, forged)
+    with pytest.raises(AdoptionRefused, match="holds another stage config"):
+        check_adoptable(doc, ppo.config_map, {**ppo.config_map, "immutable": False})

@@ -10,6 +10,9 @@ import secrets
 import pytest
 from kubernetes import client
 from operator_harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
     RecordingListener,
     eventually,
     kubectl_apply,
@@ -19,6 +22,7 @@ from operator_harness import (
     wait_phase,
 )
 
+from rlhf_api.spec import Stage
 from rlhf_api.tenancy import STORE_CREDENTIALS_LABEL
 
 pytestmark = pytest.mark.timeout(300)
@@ -117,3 +121,30 @@ def test_a_file_storage_root_is_refused_at_admission(k8s_cluster, crd, k8s_names
     assert result.returncode != 0
     assert "spec.storage.uri" in result.stderr and "file:// storage roots are refused" in result.stderr, \
         result.stderr
+
+
+def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k8s_api, operator, k8s_namespace):
+    """A neighbour who can create ConfigMaps in the namespace pre-creates the stage's (predictable) ConfigMap with
+    their own stage.json, even with an ownerReference to the pipeline: the operator refuses to mount it."""
+    from rlhf_operator.controller import names
+    from rlhf_operator.controller.manifests import build_stage
+    from rlhf_operator.loading import parse_pipeline
+
+    dry_run = {"rlhf-operator.io/dry-run": "true"}
+    kubectl_apply(k8s_cluster, pipeline_doc("squatted", {**SPEC, "suspend": True}, annotations=dry_run),
+                  k8s_namespace)
+    body = wait_phase(k8s_api, k8s_namespace, "squatted", "Suspended", 60)
+    body["spec"]["suspend"] = False
+    objects = build_stage(parse_pipeline(body), Stage.SFT, dry_run=True)
+    config = objects.config.model_copy(update={"output_uri": "s3://neighbour/loot/sft"})
+    forged = {"metadata": {"name": objects.name, "ownerReferences": objects.config_map["metadata"]["ownerReferences"]},
+              "immutable": True, "data": {names.CONFIG_KEY: config.to_json()}}
+    client.CoreV1Api(k8s_api).create_namespaced_config_map(k8s_namespace, forged)
+    client.CustomObjectsApi(k8s_api).patch_namespaced_custom_object(
+        GROUP, VERSION, k8s_namespace, PLURAL, "squatted", {"spec": {"suspend": False}},
+        _content_type="application/merge-patch+json")
+    body = wait_phase(k8s_api, k8s_namespace, "squatted", ("Failed", "Succeeded"), 90)
+    assert pipeline_jobs(k8s_api, k8s_namespace, "squatted") == []
+    degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "AdoptionRefused" and f"ConfigMap {k8s_namespace}/{objects.name}" in \
+        degraded["message"] and "restartedAt" in degraded["message"], degraded

@@ -63,6 +63,26 @@ class RetryLater(Exception):
     """The reconcile could not finish (API or store unavailable); it runs again later."""
 
 
+class AdoptionRefused(Exception):
+    """An object of a stage's name exists but is not this pipeline's: it is neither used nor touched."""
+
+
+def check_adoptable(doc: RLHFPipeline, wanted: dict[str, Any], existing: dict[str, Any]) -> None:
+    """Raise ``AdoptionRefused`` unless ``existing`` (found where ``wanted`` was to be created) is the pipeline's own:
+    an ownerReference to its uid, and for a ConfigMap the same immutable content (anyone who may create ConfigMaps
+    in the namespace can write an ownerReference; nobody can change an immutable ConfigMap's data)."""
+    meta = existing.get("metadata") or {}
+    kind, where = wanted["kind"], f"{meta.get('namespace')}/{meta.get('name')}"
+    owned = any(ref.get("uid") == doc.metadata.uid for ref in meta.get("ownerReferences") or [])
+    same = kind != "ConfigMap" or (existing.get("immutable") is True and existing.get("data") == wanted["data"])
+    if not (owned and same):
+        why = "is not owned by this pipeline" if not owned else "holds another stage config"
+        raise AdoptionRefused(
+            f"{kind} {where} already exists and {why}: the operator neither uses nor changes it, and starts "
+            f"nothing that would; delete it, or set the annotation {names.ANNOTATION_RESTARTED_AT} on the "
+            "pipeline to any new value (the stage's objects then get new names)")
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -166,7 +186,10 @@ class Reconciler:
         self._delete_superseded(doc, jobs, expected)
         observed, facts = self._observe(doc, jobs, expected, previous, dry_run)
         decision = plan(doc.spec, observed)
-        facts = self._act(doc, decision, expected, jobs, facts)
+        try:
+            facts = self._act(doc, decision, expected, jobs, facts)
+        except AdoptionRefused as refused:
+            return self._invalid(body, previous, f"not adopted: {refused}", Reason.ADOPTION_REFUSED)
 
         status = build_status(decision, facts, previous, generation=meta.get("generation"), now=_now(),
                               stall_after_s=self.stall_after_s)
@@ -311,10 +334,13 @@ class Reconciler:
         for action in decision.actions:
             objects = expected[action.stage]
             if isinstance(action, StartStage):
-                self.kube.create(objects.config_map)
-                if objects.service is not None:
-                    self.kube.create(objects.service)
+                for wanted in filter(None, (objects.config_map, objects.service)):
+                    created, existing = self.kube.create(wanted)
+                    if not created and existing is not None:
+                        check_adoptable(doc, wanted, existing)
                 created, job = self.kube.create(objects.job)
+                if not created and job is not None:
+                    check_adoptable(doc, objects.job, job)
                 if created:
                     self.metrics.job_created(action.stage.value)
                     log.info("created Job %s/%s for stage %s", namespace, objects.name, action.stage.value)
@@ -382,4 +408,4 @@ class Reconciler:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
 
-__all__ = ["EventSpec", "JobState", "Reconciler", "RetryLater"]
+__all__ = ["AdoptionRefused", "EventSpec", "JobState", "Reconciler", "RetryLater", "check_adoptable"]
