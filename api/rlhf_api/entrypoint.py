@@ -28,6 +28,7 @@ EXIT_INTEGRITY_ERROR = 79  # an input failed its checksum
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a killed process would report; the stage checkpointed first
 NON_RETRYABLE_EXIT_CODES = frozenset({EXIT_CONFIG_ERROR, EXIT_INTEGRITY_ERROR})
 
+TRAINER_UID = 65532  # the non-root user (and group) the trainer image runs as (its Dockerfile's USER); pods say so
 STAGE_CONFIG_ENV = "RLHF_STAGE_CONFIG"  # the stage config's JSON, when no --config is given
 WORKSPACE_ENV = "RLHF_WORKSPACE"  # the local working folder, when no --workspace is given
 TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"  # where the report goes instead of /dev/termination-log

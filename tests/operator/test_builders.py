@@ -242,3 +242,26 @@ def test_only_the_pipelines_own_objects_are_adopted():
         check_adoptable(doc, ppo.config_map, forged)
     with pytest.raises(AdoptionRefused, match="holds another stage config"):
         check_adoptable(doc, ppo.config_map, {**ppo.config_map, "immutable": False})
+
+
+def test_trainer_pods_meet_pod_security_restricted():
+    """Non-root as the image's user, no privilege escalation, every capability dropped, RuntimeDefault seccomp, no
+    ServiceAccount token, size-limited emptyDirs (the operator's limits)."""
+    from pathlib import Path
+
+    from rlhf_api import entrypoint
+    from rlhf_operator.controller.manifests import PodLimits
+
+    doc = pipeline()
+    for stage, limits in ((Stage.SFT, None), (Stage.PPO, PodLimits("20Gi", "2Gi"))):
+        pod = build_stage(doc, stage, limits=limits).job["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                          "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+        [container] = pod["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "privileged": False,
+                                                "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+        sizes = {v["name"]: v["emptyDir"].get("sizeLimit") for v in pod["volumes"] if "emptyDir" in v}
+        assert sizes == ({"workspace": "100Gi"} if limits is None else {"workspace": "20Gi", "dshm": "2Gi"})
+    dockerfile = (Path(__file__).resolve().parents[2] / "trainer_image" / "Dockerfile").read_text()
+    assert f"USER {entrypoint.TRAINER_UID}:{entrypoint.TRAINER_UID}" in dockerfile.splitlines()

@@ -148,3 +148,21 @@ def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k
     degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "AdoptionRefused" and f"ConfigMap {k8s_namespace}/{objects.name}" in \
         degraded["message"] and "restartedAt" in degraded["message"], degraded
+
+
+def test_stage_pods_are_admitted_under_pod_security_restricted(k8s_cluster, k8s_api, operator, k8s_namespace):
+    """The API server's Pod Security admission refuses a non-compliant pod when the Job controller creates it
+    (a FailedCreate event on the Job); in a namespace enforcing ``restricted`` every stage's pods run."""
+    core = client.CoreV1Api(k8s_api)
+    core.patch_namespace(k8s_namespace, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}})
+    dry_run = {"rlhf-operator.io/dry-run": "true"}
+    spec = {**SPEC, "reward": {"dataset": {"uri": "s3://artifacts/pairs.jsonl"}},
+            "ppo": {"prompts": {"uri": "builtin://movie-reviews/prompts-train"}, "distributed": {"nodes": 2}}}
+    kubectl_apply(k8s_cluster, pipeline_doc("restricted", spec, annotations=dry_run), k8s_namespace)
+    try:
+        wait_phase(k8s_api, k8s_namespace, "restricted", "Succeeded", 180)
+    finally:
+        refusals = [e.message for e in core.list_namespaced_event(k8s_namespace).items if e.reason == "FailedCreate"]
+        assert refusals == []
+    assert len(pipeline_jobs(k8s_api, k8s_namespace, "restricted")) == 3

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[env(ALLOWED_ENDPOINTS_ENV, "")],
                         help="an S3 endpoint pipelines may name in storage.endpoint (repeatable; also "
                         f"{ALLOWED_ENDPOINTS_ENV}, comma-separated); a pipeline without one means AWS S3")
+    parser.add_argument("--workspace-size-limit", default=env("RLHF_WORKSPACE_SIZE_LIMIT", "100Gi"),
+                        help="sizeLimit of each trainer pod's scratch workspace (an emptyDir on the node's disk)")
+    parser.add_argument("--shm-size-limit", default=env("RLHF_SHM_SIZE_LIMIT", "8Gi"),
+                        help="sizeLimit of a GPU trainer pod's /dev/shm (memory-backed, counts against its memory)")
     parser.add_argument("--workers", type=int, default=8, help="reconciles in parallel (thread pool)")
     parser.add_argument("--leader-elect", action="store_true", help="run only while holding the Lease")
     parser.add_argument("--lease-name", default="rlhf-operator-leader")
@@ -115,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
     from rlhf_operator.controller.access import StoragePolicy
     from rlhf_operator.controller.handlers import register
     from rlhf_operator.controller.kube import Kube
+    from rlhf_operator.controller.manifests import PodLimits
     from rlhf_operator.controller.metrics import Metrics
     from rlhf_operator.controller.reconcile import Reconciler
 
@@ -122,7 +127,8 @@ async def run(args: argparse.Namespace) -> int:
     api = api_client(args.kubeconfig)
     metrics = Metrics()
     reconciler = Reconciler(Kube(api), metrics, stall_after_s=args.stall_seconds, default_image=args.trainer_image,
-                            policy=StoragePolicy(allowed_endpoints=args.allowed_endpoints))
+                            policy=StoragePolicy(allowed_endpoints=args.allowed_endpoints),
+                            limits=PodLimits(args.workspace_size_limit, args.shm_size_limit))
     log.info("stores allowed: AWS S3%s", "".join(f", {e}" for e in args.allowed_endpoints))
     registry = register(kopf.OperatorRegistry(), resync_interval_s=args.resync_seconds)
     stop, ready = asyncio.Event(), asyncio.Event()

@@ -16,6 +16,7 @@ Retries (``podFailurePolicy``, first matching rule wins):
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,23 @@ CONTAINER = "trainer"
 CONFIG_DIR = "/etc/rlhf"
 WORKSPACE_DIR = "/workspace"
 TERMINATION_GRACE_SECONDS = 120  # time to write a checkpoint after SIGTERM
+#: Pod Security "restricted": the image's non-root user (rlhf_api.entrypoint.TRAINER_UID), RuntimeDefault seccomp.
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": entrypoint.TRAINER_UID,
+                        "runAsGroup": entrypoint.TRAINER_UID, "fsGroup": entrypoint.TRAINER_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
+                              "capabilities": {"drop": ["ALL"]}}
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 GPU = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class PodLimits:
+    """The platform's limits on every trainer pod (the chart's ``trainerPods`` values, operator flags): how much
+    node disk the scratch workspace and (GPU stages) memory ``/dev/shm`` may take before the kubelet evicts it."""
+
+    workspace_size_limit: str = "100Gi"
+    shm_size_limit: str = "8Gi"
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,7 @@ def trainer_image(doc: RLHFPipeline, stage: Stage, default_image: str | None = N
 
 
 def build_stage(doc: RLHFPipeline, stage: Stage, *, dry_run: bool = False, restarted_at: str | None = None,
-                default_image: str | None = None) -> StageObjects:
+                default_image: str | None = None, limits: PodLimits | None = None) -> StageObjects:
     """The ConfigMap, Job and (multi-process stages) Service of ``stage``, named by their content's hash.
 
     Args:
@@ -78,6 +94,7 @@ def build_stage(doc: RLHFPipeline, stage: Stage, *, dry_run: bool = False, resta
         dry_run: run ``rlhf-train --dry-run`` (validate the config in the pod, train nothing).
         restarted_at: the pipeline's restart annotation; a new value gives new names, hence a new Job.
         default_image: the operator's trainer image, used where the pipeline names the built-in default.
+        limits: the emptyDirs' size limits (not part of the names: changing them restarts no running stage).
     """
     spec = doc.spec
     settings = spec.stage(stage)
@@ -104,7 +121,7 @@ def build_stage(doc: RLHFPipeline, stage: Stage, *, dry_run: bool = False, resta
         config=config,
         config_map=build_config_map(name, doc.metadata.namespace, labels, owner, config),
         job=build_job(doc, stage, name, labels, owner, config, dry_run=dry_run, with_service=service is not None,
-                      image=image),
+                      image=image, limits=limits),
         service=service,
     )
 
@@ -195,13 +212,13 @@ def _quantities(values: dict[str, int | str]) -> dict[str, str]:
 
 def build_job(doc: RLHFPipeline, stage: Stage, name: str, labels: dict[str, str], owner: dict[str, Any],
               config: StageConfig, *, dry_run: bool = False, with_service: bool = False,
-              image: str | None = None) -> dict[str, Any]:
+              image: str | None = None, limits: PodLimits | None = None) -> dict[str, Any]:
     """The stage's batch/v1 Job."""
     spec = doc.spec
     settings = spec.stage(stage)
     nodes, _ = distributed_world(settings)
     container = trainer_container(doc, stage, name, image or trainer_image(doc, stage), dry_run)
-    pod = pod_spec(doc, stage, name, container, with_service)
+    pod = pod_spec(doc, stage, name, container, with_service, limits or PodLimits())
 
     pod_labels = dict(labels)
     job_labels = dict(labels)
@@ -242,6 +259,7 @@ def trainer_container(doc: RLHFPipeline, stage: Stage, name: str, image: str, dr
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "workspace", "mountPath": WORKSPACE_DIR}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     if resources:
         container["resources"] = resources
@@ -249,18 +267,22 @@ def trainer_container(doc: RLHFPipeline, stage: Stage, name: str, image: str, dr
 
 
 def pod_spec(doc: RLHFPipeline, stage: Stage, name: str, container: dict[str, Any],
-             with_service: bool) -> dict[str, Any]:
-    """The Job's pod template spec: ``container``, its volumes, and the pipeline's scheduling and identity."""
+             with_service: bool, limits: PodLimits) -> dict[str, Any]:
+    """The Job's pod template spec: ``container``, its volumes, and the pipeline's scheduling and identity. Admitted
+    under Pod Security ``restricted``: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp;
+    no ServiceAccount token (the trainer never calls the API); size-limited emptyDirs."""
     spec = doc.spec
     settings = spec.stage(stage)
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": name}},
-                                     {"name": "workspace", "emptyDir": {}}]
+                                     {"name": "workspace", "emptyDir": {"sizeLimit": limits.workspace_size_limit}}]
     if GPU in settings.resources.limits or GPU in settings.resources.requests:  # NCCL wants a large /dev/shm
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": limits.shm_size_limit}})
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are new pods, counted by the Job (podFailurePolicy needs Never)
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "automountServiceAccountToken": False,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
         "volumes": volumes,
     }

@@ -41,7 +41,7 @@ from rlhf_operator.controller import names
 from rlhf_operator.controller.access import StoragePolicy, StoreRefused
 from rlhf_operator.controller.conditions import EventSpec, StageFacts, build_status, transitions
 from rlhf_operator.controller.kube import Kube
-from rlhf_operator.controller.manifests import StageObjects, build_stage
+from rlhf_operator.controller.manifests import PodLimits, StageObjects, build_stage
 from rlhf_operator.controller.metrics import Metrics
 from rlhf_operator.controller.observe import JobPhase, JobState, job_state, observation
 from rlhf_operator.loading import SpecError, parse_pipeline
@@ -91,8 +91,10 @@ class Reconciler:
     """Reconciles pipelines; safe to call from several threads (one pipeline at a time)."""
 
     def __init__(self, kube: Kube, metrics: Metrics | None = None, *, stall_after_s: float | None = 1800.0,
-                 default_image: str | None = None, policy: StoragePolicy | None = None) -> None:
+                 default_image: str | None = None, policy: StoragePolicy | None = None,
+                 limits: PodLimits | None = None) -> None:
         self.kube = kube
+        self.limits = limits or PodLimits()
         self.policy = policy or StoragePolicy()
         self.default_image = default_image
         self.metrics = metrics or Metrics()
@@ -177,7 +179,7 @@ class Reconciler:
             return self._invalid(body, previous, f"storage refused: {refused}", Reason.STORAGE_REFUSED)
         try:
             expected = {stage: build_stage(doc, stage, dry_run=dry_run, restarted_at=restarted_at,
-                                           default_image=self.default_image)
+                                           default_image=self.default_image, limits=self.limits)
                         for stage in stages_to_run(doc.spec)}
         except ValueError as err:  # e.g. no storage.uri on an API server without the CRD's rules
             return self._invalid(body, previous, f"the spec is invalid: {err}")
