@@ -56,12 +56,14 @@ def test_namespaced_install_renders_roles_per_namespace_and_leader_election():
     default_args = next(d for d in render_chart() if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["args"]
     assert not [a for a in default_args if a.startswith("--allowed-endpoint")]  # by default: AWS S3 only
+    assert {"--workspace-size-limit=100Gi", "--shm-size-limit=8Gi"} <= set(default_args)
 
 
 @pytest.mark.parametrize("value", ["replicaCount=-1", "logFormat=xml", "watchNamespaces={Not_A_Namespace}",
                                    "securityContext.allowPrivilegeEscalation=true", "unknownKey=1",
                                    "storage.allowedEndpoints={minio:9000}",
-                                   "storage.allowedEndpoints={http://user:pw@minio:9000}"])
+                                   "storage.allowedEndpoints={http://user:pw@minio:9000}",
+                                   "trainerPods.workspaceSizeLimit=lots"])
 def test_values_schema_rejects_bad_values(value):
     result = subprocess.run([helm(), "template", "rlhf-operator", str(CHART), "--set", value],
                             capture_output=True, text=True, timeout=120)
