@@ -40,6 +40,8 @@ kubectl -n "$s3_namespace" rollout status deployment/minio --timeout=300s
 # The pipeline's namespace gets the credentials as a Secret; the bucket is made by a pod of the trainer image.
 kubectl create secret generic s3-credentials --from-literal=AWS_ACCESS_KEY_ID="$access_key" \
   --from-literal=AWS_SECRET_ACCESS_KEY="$secret_key" --dry-run=client -o yaml | kubectl apply -f -
+# opted in: the operator reads no Secret without this label (README, "Security and multi-tenancy")
+kubectl label secret s3-credentials rlhf-operator.io/store-credentials=true --overwrite
 kubectl delete pod make-bucket --ignore-not-found
 kubectl run make-bucket --image="$trainer_image" --restart=Never --image-pull-policy=IfNotPresent \
   --overrides='{"spec":{"containers":[{"name":"make-bucket","image":"'"$trainer_image"'","command":["python","-c",
@@ -50,7 +52,8 @@ kubectl wait --for=jsonpath='{.status.phase}'=Succeeded pod/make-bucket --timeou
 echo "kind-demo: installing the chart"
 "$helm" upgrade --install rlhf-operator helm/rlhf-operator --namespace rlhf-system --create-namespace \
   --set image.repository="${operator_image%:*}" --set image.tag="${operator_image##*:}" \
-  --set image.pullPolicy=Never --set trainerImage="$trainer_image" --wait --timeout 5m
+  --set image.pullPolicy=Never --set trainerImage="$trainer_image" \
+  --set "storage.allowedEndpoints={http://minio.$s3_namespace.svc:9000}" --wait --timeout 5m
 
 echo "kind-demo: running examples/kind-pipeline.yaml"
 kubectl delete rlhf tiny --ignore-not-found --wait
