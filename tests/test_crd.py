@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_api import spec as api
 from rlhf_operator.crd import crd, crd_yaml
 
 CRD_FILE = Path(__file__).resolve().parents[1] / "crds" / "rlhf-operator.io_rlhfpipelines.yaml"
@@ -38,6 +39,21 @@ def test_schema_is_structural_and_documented():
         if path != "$" and not path.endswith(("[]", "{}")):  # fields are documented; list items need not be
             assert node.get("description"), f"{path} has no description"
         assert not ("properties" in node and "additionalProperties" in node), path
+
+
+def test_every_string_list_and_map_of_the_spec_is_bounded():
+    """No pipeline (nor a stage ConfigMap made from it) can grow without limit: issue 36."""
+    spec = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path, node in walk(spec):
+        if node.get("type") == "string" and "enum" not in node:
+            assert 0 < node.get("maxLength", 0) <= api.MAX_STRING_LENGTH, path
+        if node.get("type") == "array":
+            assert 0 < node.get("maxItems", 0) <= api.MAX_LIST_ITEMS, path
+        if isinstance(node.get("additionalProperties"), dict):
+            assert 0 < node.get("maxProperties", 0) <= api.MAX_MAP_PROPERTIES, path
+    distributed = spec["properties"]["ppo"]["properties"]["distributed"]["properties"]
+    assert distributed["nodes"]["maximum"] == api.MAX_NODES == 64
+    assert distributed["procsPerNode"]["maximum"] == api.MAX_PROCS_PER_NODE == 16
 
 
 def test_crd_shape():

@@ -36,6 +36,14 @@ URI_PATTERN = r"^(s3|file|builtin)://.+$"
 #: and Service name and ``<job>-<index>`` a valid pod hostname.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NAME_MAX_LENGTH = 40
+#: Bounds of a stage's world (the operator lists a Job's pods on every reconcile).
+MAX_NODES = 64
+MAX_PROCS_PER_NODE = 16
+#: Bounds the CRD puts on every string, list and map of the spec that sets none of its own (``crd.bounded``), so
+#: that no pipeline, and no stage ConfigMap made from it, can grow without limit.
+MAX_STRING_LENGTH = 4096
+MAX_LIST_ITEMS = 256
+MAX_MAP_PROPERTIES = 64
 
 
 class Stage(str, enum.Enum):
@@ -333,8 +341,10 @@ class Toleration(SpecModel):
 
 
 class DistributedSpec(SpecModel):
-    nodes: int = Field(1, ge=1, description="nodes, optional: pods (an Indexed Job when more than one).")
-    procs_per_node: int = Field(1, ge=1, description="procsPerNode, optional: processes per pod.")
+    nodes: int = Field(1, ge=1, le=MAX_NODES,
+                       description=f"nodes, optional: pods (an Indexed Job when more than one), at most {MAX_NODES}.")
+    procs_per_node: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
+                                description=f"procsPerNode, optional: processes per pod, at most {MAX_PROCS_PER_NODE}.")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         0, description="zeroStage, optional: DeepSpeed ZeRO stage for the trained models; 0 means no DeepSpeed."
     )

@@ -66,9 +66,26 @@ def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> di
     return {k: v for k, v in node.items() if k not in _DROP}
 
 
+def bounded(node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` with a size bound on every string (maxLength), list (maxItems) and map (maxProperties) that has
+    none of its own: :data:`rlhf_api.spec.MAX_STRING_LENGTH` and its siblings. Enums are bounded already."""
+    kind = node.get("type")
+    if kind == "string" and "enum" not in node:
+        node.setdefault("maxLength", api.MAX_STRING_LENGTH)
+    elif kind == "array":
+        node.setdefault("maxItems", api.MAX_LIST_ITEMS)
+        bounded(node["items"])
+    elif kind == "object" and isinstance(node.get("additionalProperties"), dict):
+        node.setdefault("maxProperties", api.MAX_MAP_PROPERTIES)
+        bounded(node["additionalProperties"])
+    for child in node.get("properties", {}).values():
+        bounded(child)
+    return node
+
+
 def spec_schema() -> dict[str, Any]:
     schema = api.RLHFPipelineSpec.model_json_schema(by_alias=True, mode="validation")
-    out = structural(schema)
+    out = bounded(structural(schema))
     out["description"] = (
         "RLHFPipeline runs SFT, preference data, reward model, PPO and evaluation as Kubernetes Jobs, "
         "stage by stage, handing checkpoints from stage to stage through S3-compatible storage."
