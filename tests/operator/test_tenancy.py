@@ -1,5 +1,6 @@
 """Issue 36: a pipeline author gains nothing beyond their own namespace. Attacks on the operator deployed by its
-chart, on the real control plane; each refusal is visible to the tenant (admission message, or the pipeline's
+chart, on the real control plane, by a tenant identity (a ServiceAccount that may create pipelines and ConfigMaps in
+its namespace and cannot read its Secrets); each refusal is visible to the tenant (admission message, or the pipeline's
 status and an Event naming the field and the fix), and the attacker's endpoint (a listener on loopback inside the
 test) receives no credential."""
 
@@ -33,6 +34,27 @@ SPEC = {
     "sft": {"dataset": {"uri": "builtin://movie-reviews/sft"}},
 }
 LABEL = f"{STORE_CREDENTIALS_LABEL}=true"
+
+
+@pytest.fixture
+def tenant(k8s_api, k8s_namespace, as_service_account):
+    """The attacker's identity: a ServiceAccount that may create and change RLHFPipelines and create ConfigMaps in
+    its namespace, and nothing else (it cannot read the namespace's Secrets itself)."""
+    from kubernetes.client import RbacAuthorizationV1Api
+
+    rbac = RbacAuthorizationV1Api(k8s_api)
+    rbac.create_namespaced_role(k8s_namespace, {"metadata": {"name": "pipeline-author"}, "rules": [
+        {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "create", "patch", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create"]}]})
+    rbac.create_namespaced_role_binding(k8s_namespace, {
+        "metadata": {"name": "pipeline-author"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pipeline-author"},
+        "subjects": [{"kind": "ServiceAccount", "name": "tenant", "namespace": k8s_namespace}]})
+    return as_service_account("tenant", k8s_namespace)
+
+
+def apply_as(k8s_cluster, tenant, doc, *, check: bool = True):
+    return kubectl_apply(k8s_cluster, doc, tenant.namespace, kubeconfig=tenant.kubeconfig, check=check)
 
 
 @pytest.fixture
@@ -73,13 +95,13 @@ def refused(k8s_api, namespace: str, name: str, *words: str) -> str:
 
 
 def test_an_unlabelled_secret_is_never_read_or_sent_even_to_an_allowed_endpoint(
-        k8s_cluster, k8s_api, operator, k8s_namespace, allowed_listener, victim_secret):
+        k8s_cluster, k8s_api, operator, k8s_namespace, allowed_listener, victim_secret, tenant):
     if not k8s_cluster.local:
         pytest.skip("the listener is on this machine's loopback")
     name, keys = victim_secret
     spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": allowed_listener.endpoint,
                                 "credentialsSecret": {"name": name}}}
-    kubectl_apply(k8s_cluster, pipeline_doc("steal", spec), k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("steal", spec))
     message = refused(k8s_api, k8s_namespace, "steal", "spec.storage.credentialsSecret.name", name,
                       f"kubectl label secret {name} {LABEL}")
     assert keys["AWS_SECRET_ACCESS_KEY"] not in message
@@ -87,43 +109,44 @@ def test_an_unlabelled_secret_is_never_read_or_sent_even_to_an_allowed_endpoint(
 
 
 def test_credentials_go_to_no_endpoint_outside_the_allow_list(k8s_cluster, k8s_api, operator, k8s_namespace,
-                                                              attacker, victim_secret):
+                                                              attacker, victim_secret, tenant):
     if not k8s_cluster.local:
         pytest.skip("the listener is on this machine's loopback")
     name, keys = victim_secret
     label_secret(k8s_api, k8s_namespace, name)  # opted in: still only for allowed endpoints
     spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": attacker.endpoint, "credentialsSecret": {"name": name}}}
-    kubectl_apply(k8s_cluster, pipeline_doc("exfil", spec), k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("exfil", spec))
     refused(k8s_api, k8s_namespace, "exfil", "spec.storage.endpoint", attacker.endpoint, "storage.allowedEndpoints")
     assert attacker.requests == [] and attacker.leaked(*keys.values()) == []
 
 
 def test_without_a_secret_the_operator_uses_no_identity_of_its_own(k8s_cluster, k8s_api, operator, k8s_namespace,
-                                                                   allowed_listener):
+                                                                   allowed_listener, tenant):
     if not k8s_cluster.local:
         pytest.skip("the listener is on this machine's loopback")
     before = len(allowed_listener.requests)
     spec = {**SPEC, "storage": {**SPEC["storage"], "endpoint": allowed_listener.endpoint}}
-    kubectl_apply(k8s_cluster, pipeline_doc("ambient", spec), k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("ambient", spec))
     refused(k8s_api, k8s_namespace, "ambient", "spec.storage.credentialsSecret", "required", LABEL)
     assert allowed_listener.requests[before:] == []
 
 
-def test_a_missing_secret_is_refused_by_name(k8s_cluster, k8s_api, operator, k8s_namespace):
+def test_a_missing_secret_is_refused_by_name(k8s_cluster, k8s_api, operator, k8s_namespace, tenant):
     spec = {**SPEC, "storage": {**SPEC["storage"], "credentialsSecret": {"name": "nope"}}}
-    kubectl_apply(k8s_cluster, pipeline_doc("missing", spec), k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("missing", spec))
     refused(k8s_api, k8s_namespace, "missing", "spec.storage.credentialsSecret.name", "nope", "does not exist")
 
 
-def test_a_file_storage_root_is_refused_at_admission(k8s_cluster, crd, k8s_namespace):
+def test_a_file_storage_root_is_refused_at_admission(k8s_cluster, crd, tenant):
     spec = {**SPEC, "storage": {"uri": "file:///var/run/secrets"}}
-    result = kubectl_apply(k8s_cluster, pipeline_doc("local-files", spec), k8s_namespace, check=False)
+    result = apply_as(k8s_cluster, tenant, pipeline_doc("local-files", spec), check=False)
     assert result.returncode != 0
     assert "spec.storage.uri" in result.stderr and "file:// storage roots are refused" in result.stderr, \
         result.stderr
 
 
-def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k8s_api, operator, k8s_namespace):
+def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k8s_api, operator, k8s_namespace,
+                                                                   tenant):
     """A neighbour who can create ConfigMaps in the namespace pre-creates the stage's (predictable) ConfigMap with
     their own stage.json, even with an ownerReference to the pipeline: the operator refuses to mount it."""
     from rlhf_operator.controller import names
@@ -131,15 +154,15 @@ def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k
     from rlhf_operator.loading import parse_pipeline
 
     dry_run = {"rlhf-operator.io/dry-run": "true"}
-    kubectl_apply(k8s_cluster, pipeline_doc("squatted", {**SPEC, "suspend": True}, annotations=dry_run),
-                  k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("squatted", {**SPEC, "suspend": True}, annotations=dry_run))
     body = wait_phase(k8s_api, k8s_namespace, "squatted", "Suspended", 60)
     body["spec"]["suspend"] = False
     objects = build_stage(parse_pipeline(body), Stage.SFT, dry_run=True)
     config = objects.config.model_copy(update={"output_uri": "s3://neighbour/loot/sft"})
-    forged = {"metadata": {"name": objects.name, "ownerReferences": objects.config_map["metadata"]["ownerReferences"]},
+    owner = {**objects.config_map["metadata"]["ownerReferences"][0], "blockOwnerDeletion": False}
+    forged = {"metadata": {"name": objects.name, "ownerReferences": [owner]},
               "immutable": True, "data": {names.CONFIG_KEY: config.to_json()}}
-    client.CoreV1Api(k8s_api).create_namespaced_config_map(k8s_namespace, forged)
+    client.CoreV1Api(tenant.api_client).create_namespaced_config_map(k8s_namespace, forged)  # the neighbour
     client.CustomObjectsApi(k8s_api).patch_namespaced_custom_object(
         GROUP, VERSION, k8s_namespace, PLURAL, "squatted", {"spec": {"suspend": False}},
         _content_type="application/merge-patch+json")
@@ -150,7 +173,8 @@ def test_a_neighbours_config_map_of_the_stage_name_is_not_adopted(k8s_cluster, k
         degraded["message"] and "restartedAt" in degraded["message"], degraded
 
 
-def test_stage_pods_are_admitted_under_pod_security_restricted(k8s_cluster, k8s_api, operator, k8s_namespace):
+def test_stage_pods_are_admitted_under_pod_security_restricted(k8s_cluster, k8s_api, operator, k8s_namespace,
+                                                              tenant):
     """The API server's Pod Security admission refuses a non-compliant pod when the Job controller creates it
     (a FailedCreate event on the Job); in a namespace enforcing ``restricted`` every stage's pods run."""
     core = client.CoreV1Api(k8s_api)
@@ -159,7 +183,7 @@ def test_stage_pods_are_admitted_under_pod_security_restricted(k8s_cluster, k8s_
     dry_run = {"rlhf-operator.io/dry-run": "true"}
     spec = {**SPEC, "reward": {"dataset": {"uri": "s3://artifacts/pairs.jsonl"}},
             "ppo": {"prompts": {"uri": "builtin://movie-reviews/prompts-train"}, "distributed": {"nodes": 2}}}
-    kubectl_apply(k8s_cluster, pipeline_doc("restricted", spec, annotations=dry_run), k8s_namespace)
+    apply_as(k8s_cluster, tenant, pipeline_doc("restricted", spec, annotations=dry_run))
     try:
         wait_phase(k8s_api, k8s_namespace, "restricted", "Succeeded", 180)
     finally:
