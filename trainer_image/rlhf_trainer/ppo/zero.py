@@ -22,19 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from rlhf_trainer.models import set_deepspeed_accelerator
-
-
-def import_deepspeed() -> Any:
-    """DeepSpeed, set up for this machine: the CPU accelerator without a GPU, collectives through torch."""
-    set_deepspeed_accelerator()
-    import deepspeed
-    import deepspeed.ops
-
-    # DeepSpeed would compile its shared-memory collective kernels at start-up (minutes, and a compiler in the
-    # image); the process group's own gloo/nccl collectives are what we use.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
+from rlhf_trainer.deepspeed_setup import import_deepspeed
 
 
 def hidden_size(checkpoint: Path) -> int:
