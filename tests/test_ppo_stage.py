@@ -177,6 +177,11 @@ def test_two_processes_with_zero3_match_one_process(ppo_inputs, one_process, tmp
         assert (out / "checkpoints" / pointer["checkpoint"] / f"rank-{rank}" / "manifest.json").exists()
     assert_same_steps(one_process, steps(out / "metrics.jsonl"))
 
+    alone = rlhf_train(sharded, tmp_path / "two" / "alone", **CPU)  # the same config, in one process
+    output = finish(alone)
+    assert alone.returncode == entrypoint.EXIT_CONFIG_ERROR, output
+    assert "written by 2 process(es) and this run has 1: restore spec.ppo.distributed" in output
+
 
 def test_two_processes_in_one_pod_under_torchrun_share_its_workspace_and_match_one_process(ppo_inputs, one_process,
                                                                                           tmp_path):

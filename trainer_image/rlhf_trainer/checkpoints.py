@@ -16,6 +16,7 @@ from rlhf_api.artifacts.checkpoints import (
     checkpoint_uri,
     read_pointer,
 )
+from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.workspace import Workspace
 
 
@@ -39,9 +40,29 @@ class StageCheckpoints:
                 CheckpointPointer(checkpoint_name(step), step, self.digest, processes),
                 keep_previous=self.ws.config.storage.keep_checkpoints)
 
-    def latest(self) -> CheckpointPointer | None:
-        """The pointer to the latest checkpoint made with this stage config, if any."""
-        return read_pointer(self.output_uri, self.store, self.digest)
+    def latest(self, processes: int) -> CheckpointPointer | None:
+        """The pointer to the latest checkpoint made with this stage config, if any, for a run of ``processes``.
+
+        A checkpoint made with another config is ignored, with a line that says so: the stage starts over. One
+        written by another number of processes is refused (ConfigError): each process's part holds what that
+        process trained on (its ZeRO shard, its RNG state, its share of every batch), so no other number of
+        processes continues it exactly, and silently starting over would throw the work away.
+        """
+        pointer = read_pointer(self.output_uri, self.store)
+        if pointer is None:
+            return None
+        stage = self.ws.config.stage.value
+        if pointer.config_digest != self.digest:
+            print(f"{stage}: the stored checkpoint {self.describe(pointer)} was made with another config "
+                  f"(digest {pointer.config_digest[:12]}, this run's {self.digest[:12]}): ignored, the stage starts "
+                  "over", flush=True)
+            return None
+        if pointer.processes != processes:
+            raise ConfigError(
+                f"the stored checkpoint {self.describe(pointer)} was written by {pointer.processes} process(es) and "
+                f"this run has {processes}: restore spec.{stage}.distributed (nodes x procsPerNode = "
+                f"{pointer.processes}) to resume from it, or delete {self.ws.checkpoints_uri} to start over")
+        return pointer
 
     def fetch(self, pointer: CheckpointPointer, local: Path, *part: str) -> bool:
         """Download the checkpoint (or its folder ``part``) into ``local``; False when it has no manifest."""

@@ -6,7 +6,9 @@ The pointer scheme of every stage (:mod:`rlhf_api.artifacts.checkpoints`), with 
     checkpoints/latest.json                   names the checkpoint once every process's folder is stored
 
 Without ZeRO only the main process has weights and optimizer state to write; the others write their RNG state.
-A checkpoint made with another config digest is ignored: the run starts over.
+A checkpoint made with another config digest is ignored: the run starts over. One written by another number of
+processes is refused, with or without ZeRO: each process's share of a batch and its RNG state depend on how many
+there are, so it would not continue the run it checkpointed (:meth:`StageCheckpoints.latest`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import shutil
 
 from rlhf_api.artifacts.checkpoints import checkpoint_name
 from rlhf_trainer.checkpoints import StageCheckpoints
-from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.ppo.distributed import World
 from rlhf_trainer.ppo.trainer import PPOTrainer
 from rlhf_trainer.workspace import Workspace
@@ -45,20 +46,13 @@ class PPOCheckpoints:
 
     def restore(self, trainer: PPOTrainer) -> bool:
         """Load the latest checkpoint made with this config, if any. Returns whether one was loaded."""
-        pointer = self.checkpoints.latest()
+        pointer = self.checkpoints.latest(self.world.size)  # refused when written by another number of processes
         if pointer is None:
             return False
-        if pointer.processes != self.world.size and self.ws.config.stage_settings().distributed.zero_stage:
-            raise ConfigError(
-                f"the last PPO checkpoint was written by {pointer.processes} processes with DeepSpeed ZeRO "
-                f"shards, and this run has {self.world.size}: restore the previous distributed settings, or "
-                f"delete {self.ws.checkpoints_uri} to start over"
-            )
         local = self.ws.checkpoints_dir / pointer.checkpoint / "restored"
         # the main process's folder holds the trainer state (and, without ZeRO, all weights); ours, our shard
         for rank in sorted({0, self.world.rank}):
-            if rank < pointer.processes:
-                self.checkpoints.fetch(pointer, local, f"rank-{rank}")
+            self.checkpoints.fetch(pointer, local, f"rank-{rank}")
         trainer.load_state(local)
         print(f"resuming ppo from {self.checkpoints.describe(pointer)}", flush=True)
         return True
