@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rlhf_api.spec import Stage
 from rlhf_operator.cli import main
 from rlhf_operator.loading import SpecError, load_pipeline, parse_pipeline
 
@@ -59,10 +60,8 @@ BAD = [
      "the preferences stage samples in one process"),
     ("evaluate under ZeRO", "spec.evaluate.distributed", {"zeroStage": 3}, "spec.evaluate",
      "the evaluate stage samples in one process"),
-    ("sft under ZeRO", "spec.sft.distributed", {"procsPerNode": 2, "zeroStage": 2}, "spec.sft",
-     "zeroStage is not available for the sft stage"),
-    ("reward under ZeRO", "spec.reward.distributed", {"zeroStage": 3}, "spec.reward",
-     "zeroStage is not available for the reward stage"),
+    ("preferences under ZeRO", "spec.preferences.distributed", {"zeroStage": 2}, "spec.preferences",
+     "the preferences stage samples in one process"),
     ("bad pipeline name", "metadata.name", "Movie_Reviews", "metadata.name", "pattern"),
     ("wrong kind", "kind", "Pipeline", "kind", "RLHFPipeline"),
 ]
@@ -84,6 +83,12 @@ def test_quantized_weights_under_zero3_are_rejected_and_zero2_is_not():
         parse_pipeline(doc)
     doc["spec"]["ppo"]["distributed"] = {"zeroStage": 2}
     assert parse_pipeline(doc).spec.ppo.distributed.zero_stage == 2
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_every_trained_stage_takes_a_zero_stage(stage):
+    doc = parse_pipeline(mutate(f"spec.{stage}.distributed", {"nodes": 2, "procsPerNode": 2, "zeroStage": 3}))
+    assert doc.spec.stage(Stage(stage)).distributed.zero_stage == 3
 
 
 def test_reward_without_preferences_is_rejected():

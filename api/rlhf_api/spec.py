@@ -146,16 +146,8 @@ def _one_process(stage: str) -> Rule:
                 ONE_PROCESS.format(stage=stage), ".distributed")
 
 
-def _no_zero(stage: str) -> Rule:
-    """A Trainer stage runs its processes under DistributedDataParallel; ZeRO is PPO's."""
-    return Rule("!has(self.distributed) || !has(self.distributed.zeroStage) || self.distributed.zeroStage == 0",
-                NO_ZERO.format(stage=stage), ".distributed.zeroStage")
-
-
 ONE_PROCESS = ("the {stage} stage samples in one process: distributed.nodes and procsPerNode must be 1 and zeroStage "
                "0 (each process would repeat the whole stage)")
-NO_ZERO = ("distributed.zeroStage is not available for the {stage} stage: its processes train with "
-           "DistributedDataParallel; set zeroStage to 0 (or leave it unset)")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -346,7 +338,10 @@ class DistributedSpec(SpecModel):
     procs_per_node: int = Field(1, ge=1, le=MAX_PROCS_PER_NODE,
                                 description=f"procsPerNode, optional: processes per pod, at most {MAX_PROCS_PER_NODE}.")
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        0, description="zeroStage, optional: DeepSpeed ZeRO stage for the trained models; 0 means no DeepSpeed."
+        0, description="zeroStage, optional: DeepSpeed ZeRO stage (1-3) for the trained models of sft, reward and "
+        "ppo; 0 means no DeepSpeed (several processes then train under DistributedDataParallel in sft and reward, "
+        "with one gradient all-reduce per step in ppo). A checkpoint is resumed only by as many processes as wrote "
+        "it. The preferences and evaluate stages run in one process."
     )
     master_port: int = Field(29500, ge=1024, le=65535, description="masterPort, optional: rendezvous port.")
 
@@ -463,7 +458,7 @@ class TrainingArgs(SpecModel):
 
 
 class SFTSpec(StageCommon, TrainingArgs):
-    cel_rules = (_required_when_run("dataset"), _no_zero("sft"))
+    cel_rules = (_required_when_run("dataset"),)
 
     dataset: DatasetRef | None = Field(
         None,
@@ -477,7 +472,6 @@ class SFTSpec(StageCommon, TrainingArgs):
     @model_validator(mode="after")
     def _needs_data(self) -> SFTSpec:
         _require_when_run(self, "dataset")
-        _check_distributed(self, "sft", one_process=False)
         return self
 
 
@@ -519,13 +513,11 @@ class PreferencesSpec(StageCommon):
     @model_validator(mode="after")
     def _needs_prompts(self) -> PreferencesSpec:
         _require_when_run(self, "prompts")
-        _check_distributed(self, "preferences", one_process=True)
+        _check_one_process(self, "preferences")
         return self
 
 
 class RewardSpec(StageCommon, TrainingArgs):
-    cel_rules = (_no_zero("reward"),)
-
     init_from: Literal["sft", "base"] = Field(
         "sft", description="initFrom, optional: backbone of the reward model: pi_SFT or the base model."
     )
@@ -565,11 +557,6 @@ class RewardSpec(StageCommon, TrainingArgs):
         "reward scale whichever pairs the reward model learnt from; pair accuracy does not change.",
     )
     learning_rate: float = Field(1e-5, gt=0.0, description="learningRate, optional: peak learning rate.")
-
-    @model_validator(mode="after")
-    def _check(self) -> RewardSpec:
-        _check_distributed(self, "reward", one_process=False)
-        return self
 
 
 class PPOGuardrails(SpecModel):
@@ -791,17 +778,15 @@ class EvaluateSpec(StageCommon):
     @model_validator(mode="after")
     def _needs_prompts(self) -> EvaluateSpec:
         _require_when_run(self, "prompts")
-        _check_distributed(self, "evaluate", one_process=True)
+        _check_one_process(self, "evaluate")
         return self
 
 
-def _check_distributed(stage: StageCommon, name: str, *, one_process: bool) -> None:
-    """The pydantic twin of :func:`_one_process` and :func:`_no_zero`."""
+def _check_one_process(stage: StageCommon, name: str) -> None:
+    """The pydantic twin of :func:`_one_process`."""
     distributed = stage.distributed
-    if one_process and (distributed.nodes, distributed.procs_per_node, distributed.zero_stage) != (1, 1, 0):
+    if (distributed.nodes, distributed.procs_per_node, distributed.zero_stage) != (1, 1, 0):
         raise ValueError(ONE_PROCESS.format(stage=name))
-    if distributed.zero_stage:
-        raise ValueError(NO_ZERO.format(stage=name))
 
 
 def _require_when_run(stage: StageCommon, field: str) -> None:

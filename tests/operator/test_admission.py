@@ -95,10 +95,8 @@ INVALID = [
      "the preferences stage samples in one process"),
     ("evaluate in two processes", edit("evaluate.distributed", {"procsPerNode": 2}), "spec.evaluate.distributed",
      "the evaluate stage samples in one process"),
-    ("sft under ZeRO", edit("sft.distributed", {"zeroStage": 3}), "spec.sft.distributed.zeroStage",
-     "zeroStage is not available for the sft stage"),
-    ("reward under ZeRO", edit("reward.distributed", {"zeroStage": 2}), "spec.reward.distributed.zeroStage",
-     "zeroStage is not available for the reward stage"),
+    ("preferences under ZeRO", edit("preferences.distributed", {"zeroStage": 2}), "spec.preferences.distributed",
+     "the preferences stage samples in one process"),
     ("two stop-token fields in ppo", edit("ppo.stopTokens", ["<|eot_id|>"], edit("ppo.stopToken", "<|im_end|>")),
      "spec.ppo.stopTokens", "set stopToken or stopTokens, not both"),
     ("toleration Exists with a value", edit("ppo.tolerations", [{"key": "gpu", "operator": "Exists", "value": "x"}]),
@@ -129,6 +127,12 @@ def test_name_too_long_or_not_a_label_is_rejected(k8s_cluster, crd, k8s_namespac
     for name in ("p" * 41, "1st-run"):
         result = kubectl_apply(k8s_cluster, pipeline_doc(name, VALID), k8s_namespace, check=False)
         assert result.returncode != 0 and "metadata.name" in result.stderr, (name, result.stderr)
+
+
+def test_sft_and_reward_under_zero_are_accepted(k8s_cluster, crd, k8s_namespace):
+    spec = edit("sft.distributed", {"nodes": 2, "zeroStage": 3}, edit("reward.distributed", {"procsPerNode": 2,
+                                                                                             "zeroStage": 2}))
+    kubectl_apply(k8s_cluster, pipeline_doc("zero", spec), k8s_namespace)  # raises when the API server refuses
 
 
 def test_valid_spec_is_stored_with_defaults(k8s_cluster, k8s_api, crd, k8s_namespace):

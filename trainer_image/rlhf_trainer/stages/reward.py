@@ -103,7 +103,7 @@ def run(ws: Workspace) -> dict[str, Any]:
             f"reward: of {len(loaded)} pairs, {len(pairs)} fit in spec.reward.maxLength ({settings.max_length} "
             f"tokens) and evalFraction {settings.eval_fraction} leaves none to train on: raise maxLength, "
             "provide more pairs or lower evalFraction")
-    trained, result = train(ws, settings, backbone, tokenizer, chat, train_rows)
+    trained, result, main = train(ws, settings, backbone, tokenizer, chat, train_rows)
     metrics: dict[str, Any] = {
         "train_loss": round(float(result.training_loss), 4),
         "train_pairs": len(train_rows),
@@ -111,6 +111,8 @@ def run(ws: Workspace) -> dict[str, Any]:
         "eval_pairs": len(eval_rows),
         "steps": result.global_step,
     }
+    if not main:  # the main process scores the held-out pairs and writes the output (the CLI publishes it)
+        return metrics
     metrics.update(score_held_out(trained, tokenizer, chat, settings, train_rows, eval_rows))
     tokenizer.padding_side = ws.config.model.tokenizer.padding_side
     models.save_plain(trained, tokenizer, ws.output_dir)
@@ -118,9 +120,9 @@ def run(ws: Workspace) -> dict[str, Any]:
 
 
 def train(ws: Workspace, settings: RewardSpec, backbone: Path, tokenizer: Any, chat: bool,
-          rows: list[dict[str, Any]]) -> tuple[Any, Any]:
-    """Train the reward model on ``rows`` (resuming from a stored checkpoint); returns it merged and in eval mode,
-    and the Trainer's result."""
+          rows: list[dict[str, Any]]) -> tuple[Any, Any, bool]:
+    """Train the reward model on ``rows`` (resuming from a stored checkpoint); returns it merged, whole (gathered
+    from ZeRO shards) and in eval mode, the Trainer's result, and whether this is the main process."""
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -140,7 +142,7 @@ def train(ws: Workspace, settings: RewardSpec, backbone: Path, tokenizer: Any, c
     trainer = DistinctResponseRewardTrainer(
         model=model,
         args=RewardConfig(
-            **hf_training.training_args(settings, ws.checkpoints_dir, bf16),
+            **hf_training.training_args(settings, ws.checkpoints_dir, bf16, settings.distributed.zero_stage),
             center_rewards_coefficient=settings.center_rewards_coefficient,
             eval_strategy="no",
         ),
@@ -150,8 +152,9 @@ def train(ws: Workspace, settings: RewardSpec, backbone: Path, tokenizer: Any, c
         callbacks=hf_training.stage_callbacks(ws, stopper, ws.output_dir / "trainer_log.jsonl"),
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
-    trained = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-    return trained.eval(), result
+    trained = hf_training.plain_trained_model(trainer)  # every process: under ZeRO-3 the gathers are collectives
+    trained = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
+    return trained.eval(), result, trainer.is_world_process_zero()
 
 
 def score_held_out(trained: Any, tokenizer: Any, chat: bool, settings: RewardSpec, train_rows: list[dict[str, Any]],

@@ -1,7 +1,9 @@
 """Stage 1, SFT: fine-tune the base model on demonstrations (prompt, completion) with TRL's SFTTrainer.
 
 Output: pi_SFT as a plain Hugging Face checkpoint (a LoRA adapter is merged into its base), with the
-tokenizer (its pad token included), ``trainer_log.jsonl`` and headline metrics.
+tokenizer (its pad token included), ``trainer_log.jsonl`` and headline metrics. Several processes train under
+DistributedDataParallel, or under DeepSpeed ZeRO with ``distributed.zeroStage`` (the output is gathered from the
+shards: :func:`rlhf_trainer.hf_training.plain_trained_model`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def run(ws: Workspace) -> dict[str, Any]:
     trainer = trainer_class(
         model=model,
         args=SFTConfig(
-            **hf_training.training_args(settings, ws.checkpoints_dir, bf16),
+            **hf_training.training_args(settings, ws.checkpoints_dir, bf16, settings.distributed.zero_stage),
             completion_only_loss=settings.completion_only_loss,
             packing=False,
         ),
@@ -54,9 +56,11 @@ def run(ws: Workspace) -> dict[str, Any]:
         callbacks=hf_training.stage_callbacks(ws, stopper, log),
     )
     result = hf_training.train_with_resume(trainer, ws, stopper)
+    trained = hf_training.plain_trained_model(trainer)  # every process: under ZeRO-3 the gathers are collectives
 
     tokenizer.padding_side = ws.config.model.tokenizer.padding_side
-    models.save_plain(trainer.model, tokenizer, ws.output_dir)
+    if trainer.is_world_process_zero():  # the main process writes the output (and the CLI publishes it)
+        models.save_plain(trained, tokenizer, ws.output_dir)
     return {
         "train_loss": round(float(result.training_loss), 4),
         metric_keys.FINAL_LOSS: hf_training.last_logged(log, "loss"),
