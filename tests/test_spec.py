@@ -76,13 +76,14 @@ def test_malformed_specs_name_the_field(path, value, field, words):
     assert any(words in line for line in lines), lines
 
 
-def test_quantized_weights_under_zero3_are_rejected_and_zero2_is_not():
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_quantized_weights_under_zero3_are_rejected_and_zero2_is_not(stage):
     doc = mutate("spec.model.quantization", {"bits": 4})
-    doc["spec"]["ppo"]["distributed"] = {"zeroStage": 3}
-    with pytest.raises(SpecError, match="model.quantization does not combine with ppo.distributed.zeroStage 3"):
+    doc["spec"][stage]["distributed"] = {"zeroStage": 3}
+    with pytest.raises(SpecError, match=f"model.quantization does not combine with {stage}.distributed.zeroStage 3"):
         parse_pipeline(doc)
-    doc["spec"]["ppo"]["distributed"] = {"zeroStage": 2}
-    assert parse_pipeline(doc).spec.ppo.distributed.zero_stage == 2
+    doc["spec"][stage]["distributed"] = {"zeroStage": 2}
+    assert parse_pipeline(doc).spec.stage(Stage(stage)).distributed.zero_stage == 2
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])

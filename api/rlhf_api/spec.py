@@ -805,9 +805,19 @@ STAGE_SPECS: dict[Stage, type[StageCommon]] = {
 }
 
 
-QUANTIZED_ZERO3 = ("model.quantization does not combine with ppo.distributed.zeroStage 3: ZeRO-3 partitions every "
-                   "weight and bitsandbytes' quantized weights cannot be partitioned; use zeroStage 2 (or 0), or "
-                   "remove model.quantization")
+QUANTIZED_ZERO3 = ("model.quantization does not combine with {stage}.distributed.zeroStage 3: ZeRO-3 partitions "
+                   "every weight and bitsandbytes' quantized weights cannot be partitioned; use zeroStage 2 (or 0), "
+                   "or remove model.quantization")
+#: The stages that train, and so take ``distributed.zeroStage``.
+TRAINED_STAGES = ("sft", "reward", "ppo")
+
+
+def _not_quantized_under_zero3(stage: str) -> Rule:
+    """The CEL twin of the quantization check in :meth:`RLHFPipelineSpec._inputs_exist`."""
+    return Rule(f"!{_runs(stage)} || !has(self.model.quantization) || !has(self.model.quantization.bits) "
+                f"|| !has(self.{stage}.distributed) || !has(self.{stage}.distributed.zeroStage) "
+                f"|| self.{stage}.distributed.zeroStage != 3", QUANTIZED_ZERO3.format(stage=stage),
+                f".{stage}.distributed.zeroStage")
 
 
 def _runs(stage: str) -> str:
@@ -833,9 +843,7 @@ class RLHFPipelineSpec(SpecModel):
         Rule(f"!{_runs('evaluate')} || {_provides('ppo')} || {_provides('reward')}",
              "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact",
              ".evaluate"),
-        Rule(f"!{_runs('ppo')} || !has(self.model.quantization) || !has(self.model.quantization.bits) "
-             "|| !has(self.ppo.distributed) || !has(self.ppo.distributed.zeroStage) "
-             "|| self.ppo.distributed.zeroStage != 3", QUANTIZED_ZERO3, ".ppo.distributed.zeroStage"),
+        *(_not_quantized_under_zero3(stage) for stage in TRAINED_STAGES),
     )
 
     model: ModelSpec = Field(description="model, required: the base model and its tokenizer.")
@@ -886,8 +894,10 @@ class RLHFPipelineSpec(SpecModel):
             raise ValueError(
                 "evaluate needs a policy or a reward model to evaluate: enable ppo or reward, or set an artifact"
             )
-        if self.ppo.runs and self.model.quantization.bits and self.ppo.distributed.zero_stage == 3:
-            raise ValueError(QUANTIZED_ZERO3)
+        for name in TRAINED_STAGES:
+            stage = getattr(self, name)
+            if stage.runs and self.model.quantization.bits and stage.distributed.zero_stage == 3:
+                raise ValueError(QUANTIZED_ZERO3.format(stage=name))
         return self
 
 

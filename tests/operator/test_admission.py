@@ -109,6 +109,9 @@ INVALID = [
     ("quantized weights under ZeRO-3", edit("ppo.distributed", {"zeroStage": 3},
                                             edit("model.quantization", {"bits": 4})),
      "spec.ppo.distributed.zeroStage", "model.quantization does not combine with ppo.distributed.zeroStage 3"),
+    ("quantized weights under ZeRO-3 in sft", edit("sft.distributed", {"zeroStage": 3},
+                                                   edit("model.quantization", {"bits": 4})),
+     "spec.sft.distributed.zeroStage", "model.quantization does not combine with sft.distributed.zeroStage 3"),
 ]
 
 
