@@ -1,8 +1,9 @@
 """DeepSpeed for every trained stage: imported set up for this machine, and configured for the Trainer stages.
 
-PPO drives its own DeepSpeed engines (:mod:`rlhf_trainer.ppo.zero`, :mod:`rlhf_trainer.ppo.learner`); SFT and reward hand the Trainer a config
-(:func:`trainer_config`) and let its DeepSpeed integration run the engine. Both import DeepSpeed through
-:func:`import_deepspeed`, and the Trainer stages gather the trained weights with :func:`gathered_weights`.
+PPO drives its own DeepSpeed engines (:mod:`rlhf_trainer.ppo.zero`, :mod:`rlhf_trainer.ppo.learner`); SFT and
+reward hand the Trainer a config (:func:`trainer_config`) and let its DeepSpeed integration run the engine. Both
+import DeepSpeed through :func:`import_deepspeed`, and the Trainer stages gather the trained weights with
+:func:`gathered_weights`.
 """
 
 from __future__ import annotations
