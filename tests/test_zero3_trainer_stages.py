@@ -24,9 +24,11 @@ import torch
 
 from rlhf_api import entrypoint
 from rlhf_api.entrypoint import EXIT_PREEMPTED
+from rlhf_api.phases import PipelinePhase
 from rlhf_api.spec import Stage
 from rlhf_api.stage_config import build_stage_config
 from rlhf_operator.loading import parse_pipeline
+from rlhf_operator.runner import LocalRunner
 
 pytestmark = pytest.mark.slow
 
@@ -167,3 +169,28 @@ def test_zero3_in_two_processes_resumes_exactly_and_publishes_a_whole_model(stag
     assert resumed.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, msg=name)
+
+
+def test_one_process_under_zero3_needs_no_launcher(tiny_model_dir, tmp_path, monkeypatch):
+    """``zeroStage`` with ``nodes x procsPerNode`` = 1: the local runner starts ``rlhf-train`` alone, with no
+    rendezvous variables, and DeepSpeed (which needs a process group) trains it all the same."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    doc = parse_pipeline({"apiVersion": "rlhf-operator.io/v1alpha1", "kind": "RLHFPipeline",
+                          "metadata": {"name": "alone"},
+                          "spec": {"model": {"uri": tiny_model_dir.as_uri()}, "storage": {"keepCheckpoints": True},
+                                   "sft": {"dataset": {"uri": "builtin://movie-reviews/sft", "limit": 8}, "maxSteps": 2,
+                                           "saveSteps": 1, "perDeviceTrainBatchSize": 2, "maxLength": 96,
+                                           "distributed": {"zeroStage": 3}},
+                                   "preferences": {"enabled": False}, "reward": {"enabled": False}}})
+    result = LocalRunner(doc, tmp_path / "work").run()
+    assert result.phase is PipelinePhase.SUCCEEDED, result.message
+    out = Path(build_stage_config(doc, Stage.SFT, (tmp_path / "work" / "artifacts").as_uri()).output_uri
+               .removeprefix("file://"))
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["processes"] == 1
+    assert list((out / "checkpoints" / "checkpoint-1").glob("global_step1/zero_pp_rank_0_*optim_states.pt"))
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert trained[name].shape == base[name].shape and not torch.equal(trained[name], base[name])

@@ -8,6 +8,8 @@ import DeepSpeed through :func:`import_deepspeed`, and the Trainer stages gather
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +39,7 @@ def trainer_config(zero_stage: int, bf16: bool) -> dict[str, Any]:
     is gathered by :func:`rlhf_trainer.hf_training.plain_trained_model`).
     """
     import_deepspeed()  # before the Trainer's arguments import DeepSpeed themselves
+    lone_process_rendezvous()
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
@@ -56,6 +59,18 @@ def trainer_config(zero_stage: int, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def lone_process_rendezvous() -> None:
+    """DeepSpeed needs a process group even for one process, and without a launcher's variables it looks for MPI:
+    give a process started alone (``nodes x procsPerNode`` = 1) what a launcher would set, on a free loopback
+    port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
 
 @contextmanager
