@@ -46,8 +46,10 @@ def engine_config(*, zero_stage: int, hidden: int, bf16: bool, micro_batch: int 
     """
     zero: dict[str, Any] = {"stage": zero_stage, "reduce_bucket_size": hidden * hidden}
     if zero_stage == 3:
+        # a weight released as soon as its module is done: any reuse distance makes ZeRO-3 scan the rest of the
+        # step's module trace at each release (see rlhf_trainer.deepspeed_setup)
         zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
-                    stage3_param_persistence_threshold=10 * hidden)
+                    stage3_param_persistence_threshold=10 * hidden, stage3_max_reuse_distance=0)
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation_steps,
