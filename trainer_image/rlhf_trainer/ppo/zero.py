@@ -1,12 +1,12 @@
 """DeepSpeed ZeRO for PPO's models: one config for loading and for the engines, sharded loading, frozen models as
 ZeRO-3 inference engines.
 
-Under ZeRO-3 no process ever holds a whole model: the trained models (policy, value) are created under
-``deepspeed.zero.Init`` (transformers does so while an ``HfDeepSpeedConfig`` is alive) and loaded layer by layer,
-each process keeping its 1/N of every weight; the frozen reference and reward models are loaded the same way and
-run as DeepSpeed engines without an optimizer, gathering each layer's weights for its forward pass and releasing
-them after, as DeepSpeed-Chat and OpenRLHF run theirs. Under LoRA the frozen models are the trained ones with their
-adapters disabled, so one sharded base serves both.
+Under ZeRO-3 no process holds a whole model outside a rollout (which gathers the policy once): the trained models
+(policy, value) are created under ``deepspeed.zero.Init`` (transformers does so while an ``HfDeepSpeedConfig`` is
+alive) and loaded layer by layer, each process keeping its 1/N of every weight; the frozen reference and reward
+models are loaded the same way and run as DeepSpeed engines without an optimizer, gathering each layer's weights for
+its forward pass and releasing them after, as DeepSpeed-Chat and OpenRLHF run theirs. Under LoRA the frozen models
+are the trained ones with their adapters disabled, so one sharded base serves both.
 
 The sizes are those transformers' Trainer fills in for ``"auto"`` from the model's hidden size: gradients reduced
 in buckets of hidden^2 elements, the next layers' weights fetched ahead in 0.9 hidden^2, and tensors under
