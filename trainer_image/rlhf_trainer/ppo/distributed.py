@@ -9,6 +9,7 @@ are summed over processes with :meth:`World.all_sum`.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ def _free_port() -> int:
 
 
 def shutdown() -> None:
-    """Leave the process group (call once at exit, on every path)."""
+    """Leave the process group (call once at exit, on every path).
+
+    The trainer's DeepSpeed engines are reference cycles that may still hold gloo work objects; collected while the
+    interpreter is whole, not during its finalization (where destroying their tensors can abort the process after
+    it has finished its work: "terminate called without an active exception").
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
