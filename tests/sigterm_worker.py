@@ -37,7 +37,9 @@ def main(argv: list[str]) -> int:
         return sample(*args, interrupted=check, **kwargs)
 
     ppo_trainer.sample_responses = sample_with_sigterm
-    return cli.main(argv[2:])
+    code = cli.main(argv[2:])
+    cli.leave(code)  # as rlhf-train ends
+    return code
 
 
 if __name__ == "__main__":

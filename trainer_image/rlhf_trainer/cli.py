@@ -87,6 +87,24 @@ def write_termination_message(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``rlhf-train``; as the process's entry point (``argv`` None) it ends the process itself (:func:`leave`)."""
+    code = run(argv)
+    if argv is None:
+        leave(code)
+    return code
+
+
+def leave(code: int) -> None:
+    """End the process with ``code`` now if it joined a process group, without the interpreter's finalization: gloo's
+    threads and DeepSpeed's objects torn down there have aborted finished processes ("terminate called without an
+    active exception", exit -6) after their work was stored and reported."""
+    if "deepspeed" in sys.modules or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=entrypoint.COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=[s.value for s in Stage])
     parser.add_argument("--config", help=f"stage config JSON file (default: ${entrypoint.STAGE_CONFIG_ENV})")
